@@ -1,0 +1,38 @@
+"""Installs ecdit_jax: expert-choice diffusion transformers in JAX/Flax NNX."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "tensorflow-datasets>=4.9.7",
+    "array-record>=0.8",
+    "grain>=0.2.10",
+    "ml-collections>=1.0",
+    "sentencepiece>=0.2",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "pillow>=10.0",
+    "tensorboardX>=2.6",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8.0"],
+    "gpu": ["jax[cuda12]>=0.10"],
+    "tpu": ["jax[tpu]>=0.10"],
+}
+
+setuptools.setup(
+    name="ecdit_jax",
+    version="0.1.0",
+    description="EC-DiT: diffusion transformers with expert-choice MoE, in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["ecdit_jax", "ecdit_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)
