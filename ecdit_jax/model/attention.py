@@ -1,0 +1,115 @@
+"""Self-attention with grouped key/value heads and cross-attention to text tokens.
+
+Both run through ``jax.nn.dot_product_attention``: cuDNN flash attention on GPU when the
+configuration allows it, the XLA implementation elsewhere. Projections are einsums against
+(d, heads, head_dim) kernels so that heads carry their own logical axis for tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ecdit_jax.parallel import axes
+
+
+def resolve_attention_impl(requested: str, dtype) -> str | None:
+  """'auto' picks cuDNN flash attention on GPU for half-precision inputs, XLA otherwise."""
+  if requested == "auto":
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+  return requested
+
+
+class HeadProjection(nnx.Module):
+  """x (B, S, d_in) -> (B, S, heads, head_dim) with a (d_in, heads, head_dim) kernel."""
+
+  def __init__(self, in_features: int, num_heads: int, head_dim: int, head_axis: str, *,
+               rngs: nnx.Rngs, dtype, param_dtype, in_axis: str = axes.EMBED):
+    init = axes.partitioned(nnx.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)),
+                            (in_axis, head_axis, axes.HEAD_DIM))
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, num_heads, head_dim), param_dtype))
+    bias_init = axes.partitioned(nnx.initializers.zeros_init(), (head_axis, axes.HEAD_DIM))
+    self.bias = nnx.Param(bias_init(rngs.params(), (num_heads, head_dim), param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    return jnp.einsum("bsd,dhk->bshk", x.astype(self.dtype), kernel) + self.bias[...].astype(
+        self.dtype)
+
+
+class OutputProjection(nnx.Module):
+  """(B, S, heads, head_dim) -> (B, S, d)."""
+
+  def __init__(self, num_heads: int, head_dim: int, out_features: int, *, rngs: nnx.Rngs, dtype,
+               param_dtype, zero_init: bool = False):
+    base = (nnx.initializers.zeros_init() if zero_init else
+            nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2))
+    init = axes.partitioned(base, (axes.HEADS, axes.HEAD_DIM, axes.EMBED))
+    self.kernel = nnx.Param(init(rngs.params(), (num_heads, head_dim, out_features), param_dtype))
+    bias_init = axes.partitioned(nnx.initializers.zeros_init(), (axes.EMBED,))
+    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    return jnp.einsum("bshk,hkd->bsd", x, kernel) + self.bias[...].astype(self.dtype)
+
+
+class HeadRMSNorm(nnx.Module):
+  """RMS normalisation over each head's features (qk-norm), computed in float32."""
+
+  def __init__(self, head_dim: int, *, rngs: nnx.Rngs, param_dtype):
+    init = axes.partitioned(nnx.initializers.ones_init(), (axes.HEAD_DIM,))
+    self.scale = nnx.Param(init(rngs.params(), (head_dim,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+    return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with ``num_kv_heads`` key/value heads shared by groups of queries.
+
+  Used as self-attention (context = x) and as cross-attention (context = text tokens, with
+  ``context_lengths`` marking the valid prefix of each padded text sequence).
+  """
+
+  def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, *, rngs: nnx.Rngs,
+               dtype, param_dtype, qk_norm: bool = False, context_size: int | None = None,
+               zero_init_output: bool = False, attention_impl: str = "auto"):
+    if hidden_size % num_heads:
+      raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+    head_dim = hidden_size // num_heads
+    context_size = hidden_size if context_size is None else context_size
+    context_axis = axes.EMBED if context_size == hidden_size else axes.TEXT_EMBED
+    common = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.query = HeadProjection(hidden_size, num_heads, head_dim, axes.HEADS, **common)
+    self.key = HeadProjection(context_size, num_kv_heads, head_dim, axes.KV_HEADS,
+                              in_axis=context_axis, **common)
+    self.value = HeadProjection(context_size, num_kv_heads, head_dim, axes.KV_HEADS,
+                                in_axis=context_axis, **common)
+    self.out = OutputProjection(num_heads, head_dim, hidden_size, zero_init=zero_init_output,
+                                **common)
+    if qk_norm:
+      self.query_norm = HeadRMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype)
+      self.key_norm = HeadRMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype)
+    else:
+      self.query_norm = self.key_norm = None
+    self.implementation = resolve_attention_impl(attention_impl, dtype)
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               context_lengths: jax.Array | None = None) -> jax.Array:
+    context = x if context is None else context
+    q, k, v = self.query(x), self.key(context), self.value(context)
+    if self.query_norm is not None:
+      q, k = self.query_norm(q), self.key_norm(k)
+    lengths = None if context_lengths is None else context_lengths.astype(jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=lengths, implementation=self.implementation)
+    return self.out(out)

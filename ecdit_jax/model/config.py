@@ -1,0 +1,201 @@
+"""The model's configuration: one frozen dataclass, validated at construction.
+
+Configs on the command line are ml_collections ConfigDicts (``config.model``); ``ModelConfig``
+turns that block into typed, checked values. Every check names the key a user would fix, so a
+bad run fails at start rather than deep inside a traced function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+ROUTERS = ("expert_choice", "token_choice")
+MOE_LAYOUTS = ("every_other", "every", "none")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that shapes an EC-DiT. Field names are the keys under ``config.model``."""
+
+  # Input: pixels (3 channels) or VAE latents (e.g. 4 channels), square.
+  image_size: int = 32
+  in_channels: int = 3
+  patch_size: int = 2
+
+  # Transformer backbone.
+  hidden_size: int = 1152
+  num_layers: int = 28
+  num_heads: int = 18
+  num_kv_heads: int | None = None  # None: as many as query heads (plain multi-head attention)
+  qk_norm: bool = True
+  mlp_ratio: float = 4.0  # hidden width of the dense FFN and of every expert, in units of d
+
+  # Mixture of experts.
+  moe_layout: str = "every_other"  # every_other (blocks 1, 3, 5, ...), every, none (dense)
+  router: str = "expert_choice"  # or token_choice (the GShard/Switch-style baseline)
+  num_experts: int = 8
+  capacity_factor: float = 2.0  # f at training time: expert-choice capacity C = S * f / E
+  eval_capacity_factor: float = 2.0  # f at inference time (the adaptive-compute knob)
+  routing_group_size: int = 1  # images pooled into one routing group; 1 = per-image routing
+  router_z_loss_weight: float = 0.0
+  token_choice_top_k: int = 2
+  token_choice_capacity_factor: float = 1.25  # buffer slack for token-choice dispatch
+  load_balance_loss_weight: float = 0.01  # token-choice only; expert-choice needs none
+
+  # Text conditioning: a small transformer trained from scratch by default.
+  text_vocab_size: int = 32128
+  text_max_len: int = 32
+  text_hidden_size: int = 512
+  text_num_layers: int = 4
+  text_num_heads: int = 8
+
+  # Numerics.
+  dtype: str = "bfloat16"  # compute dtype of activations and matmuls
+  param_dtype: str = "float32"
+  attention_impl: str = "auto"  # auto: cuDNN flash attention on GPU, XLA elsewhere
+
+  @classmethod
+  def from_mapping(cls, mapping: Mapping[str, Any], prefix: str = "model") -> "ModelConfig":
+    """Builds from a dict or ConfigDict; unknown keys are an error naming the key."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = dict(mapping.items())
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(
+          f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
+          f"known keys: {', '.join(sorted(known))}")
+    return cls(**values)
+
+  def __post_init__(self):
+    _validate(self)
+
+  # Derived quantities -------------------------------------------------------------------------
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def mlp_hidden_size(self) -> int:
+    return int(round(self.hidden_size * self.mlp_ratio))
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size**2
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size**2 * self.in_channels
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def parameter_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  def is_moe_layer(self, layer_index: int) -> bool:
+    if self.moe_layout == "none":
+      return False
+    if self.moe_layout == "every":
+      return True
+    return layer_index % 2 == 1  # every_other: the second block, the fourth, ...
+
+  @property
+  def moe_layer_indices(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+
+def expert_capacity(group_tokens: int, capacity_factor: float, num_experts: int) -> int:
+  """Tokens each expert takes from a routing group: C = round(S_group * f / E).
+
+  Halves round up (not to even) so that the value does not flip with floating-point noise. An
+  expert cannot take a token twice, so C is clipped to S_group (then every expert sees every
+  token, which is the dense limit).
+  """
+  capacity = int(math.floor(group_tokens * capacity_factor / num_experts + 0.5))
+  return min(capacity, group_tokens)
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _validate(c: ModelConfig) -> None:
+  """Checks at construction, each naming the ``config.model`` key to change."""
+  for key in ("image_size", "in_channels", "patch_size", "hidden_size", "num_layers",
+              "num_heads", "num_experts", "text_vocab_size", "text_max_len", "text_hidden_size",
+              "text_num_layers", "text_num_heads", "routing_group_size", "token_choice_top_k"):
+    value = getattr(c, key)
+    _check(isinstance(value, int) and value >= 1,
+           f"config.model.{key}={value!r} must be a positive integer")
+  _check(c.image_size % c.patch_size == 0,
+         f"config.model.patch_size={c.patch_size} must divide "
+         f"config.model.image_size={c.image_size}")
+  _check(c.hidden_size % c.num_heads == 0,
+         f"config.model.num_heads={c.num_heads} must divide "
+         f"config.model.hidden_size={c.hidden_size}")
+  _check(c.kv_heads >= 1 and c.num_heads % c.kv_heads == 0,
+         f"config.model.num_kv_heads={c.num_kv_heads} must be >= 1 and divide "
+         f"config.model.num_heads={c.num_heads}")
+  _check(c.text_hidden_size % c.text_num_heads == 0,
+         f"config.model.text_num_heads={c.text_num_heads} must divide "
+         f"config.model.text_hidden_size={c.text_hidden_size}")
+  _check(c.mlp_ratio > 0, f"config.model.mlp_ratio={c.mlp_ratio} must be > 0")
+  _check(c.moe_layout in MOE_LAYOUTS,
+         f"config.model.moe_layout={c.moe_layout!r} must be one of {MOE_LAYOUTS}")
+  _check(c.router in ROUTERS, f"config.model.router={c.router!r} must be one of {ROUTERS}")
+  _check(c.attention_impl in ATTENTION_IMPLS,
+         f"config.model.attention_impl={c.attention_impl!r} must be one of {ATTENTION_IMPLS}")
+  for key in ("dtype", "param_dtype"):
+    value = getattr(c, key)
+    try:
+      ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+      ok = False
+    _check(ok, f"config.model.{key}={value!r} must name a floating dtype, e.g. 'bfloat16'")
+  _check(c.router_z_loss_weight >= 0,
+         f"config.model.router_z_loss_weight={c.router_z_loss_weight} must be >= 0")
+  _check(c.load_balance_loss_weight >= 0,
+         f"config.model.load_balance_loss_weight={c.load_balance_loss_weight} must be >= 0")
+  if c.moe_layout == "none":
+    return
+  _check(c.moe_layout != "every_other" or c.num_layers >= 2,
+         f"config.model.moe_layout='every_other' needs config.model.num_layers >= 2, "
+         f"got {c.num_layers}")
+  group_tokens = c.routing_group_size * c.num_tokens
+  if c.router == "expert_choice":
+    for key in ("capacity_factor", "eval_capacity_factor"):
+      factor = getattr(c, key)
+      _check(factor > 0, f"config.model.{key}={factor} must be > 0")
+      capacity = expert_capacity(group_tokens, factor, c.num_experts)
+      _check(capacity >= 1,
+             f"config.model.{key}={factor} gives each of config.model.num_experts="
+             f"{c.num_experts} experts a capacity of {group_tokens} * {factor} / "
+             f"{c.num_experts} < 1 token per routing group of {group_tokens} tokens; raise "
+             f"the factor, config.model.routing_group_size, or lower the expert count")
+  else:
+    _check(c.token_choice_top_k <= c.num_experts,
+           f"config.model.token_choice_top_k={c.token_choice_top_k} must be <= "
+           f"config.model.num_experts={c.num_experts}")
+    _check(c.token_choice_capacity_factor > 0,
+           f"config.model.token_choice_capacity_factor={c.token_choice_capacity_factor} "
+           "must be > 0")

@@ -1,0 +1,169 @@
+"""The EC-DiT backbone: DiT blocks with adaLN-Zero, grouped-KV self-attention, cross-attention to
+text, and an expert-choice MoE feed-forward in every other block (configurable).
+
+Call convention (all models): ``model(x_t, t, ...) -> (prediction, aux)`` where ``aux`` holds the
+summed auxiliary loss and per-MoE-layer routing statistics stacked along a leading layer axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ecdit_jax.model import layers
+from ecdit_jax.model.attention import Attention
+from ecdit_jax.model.config import ModelConfig
+from ecdit_jax.model.moe import ExpertChoiceFFN, TokenChoiceFFN
+from ecdit_jax.model.text import TextEncoder
+from ecdit_jax.parallel import axes
+
+
+def make_ffn(config: ModelConfig, layer_index: int, rngs: nnx.Rngs) -> nnx.Module:
+  """The feed-forward of block ``layer_index``: an MoE layer where the layout puts one."""
+  if not config.is_moe_layer(layer_index):
+    return layers.FeedForward(config.hidden_size, config.mlp_hidden_size, rngs=rngs,
+                              dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
+  if config.router == "expert_choice":
+    return ExpertChoiceFFN(config, rngs=rngs)
+  return TokenChoiceFFN(config, rngs=rngs)
+
+
+class DiTBlock(nnx.Module):
+  """adaLN-Zero self-attention, cross-attention to text, adaLN-Zero FFN or MoE."""
+
+  def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+    d = config.hidden_size
+    common = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
+    self.is_moe = config.is_moe_layer(layer_index)
+    self.modulation = layers.AdaLNModulation(d, 6, **common)
+    self.norm1 = layers.layer_norm(d, **common)
+    self.self_attn = Attention(d, config.num_heads, config.kv_heads, qk_norm=config.qk_norm,
+                               attention_impl=config.attention_impl, **common)
+    self.norm_cross = layers.layer_norm(d, affine=True, **common)
+    # Zero-initialised output: the cross-attention branch also starts switched off.
+    self.cross_attn = Attention(d, config.num_heads, config.kv_heads, qk_norm=config.qk_norm,
+                                context_size=config.text_hidden_size, zero_init_output=True,
+                                attention_impl=config.attention_impl, **common)
+    self.norm2 = layers.layer_norm(d, **common)
+    self.ffn = make_ffn(config, layer_index, rngs)
+
+  def __call__(self, x, c, context, context_lengths, *, train: bool,
+               capacity_factor: float | None):
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = self.modulation(c)
+    x = x + gate_sa[:, None] * self.self_attn(layers.modulate(self.norm1(x), shift_sa, scale_sa))
+    x = x + self.cross_attn(self.norm_cross(x), context, context_lengths)
+    h = layers.modulate(self.norm2(x), shift_ff, scale_ff)
+    if self.is_moe:
+      y, aux = self.ffn(h, train=train, capacity_factor=capacity_factor)
+    else:
+      y, aux = self.ffn(h), None
+    return x + gate_ff[:, None] * y, aux
+
+
+class FinalLayer(nnx.Module):
+  """adaLN-modulated LayerNorm and a zero-initialised projection to patch pixels."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d = config.hidden_size
+    common = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
+    self.modulation = layers.AdaLNModulation(d, 2, **common)
+    self.norm = layers.layer_norm(d, **common)
+    self.proj = layers.dense(d, config.patch_dim, (axes.EMBED, axes.UNSHARDED), zero_init=True,
+                             **common)
+
+  def __call__(self, x, c):
+    shift, scale = self.modulation(c)
+    return self.proj(layers.modulate(self.norm(x), shift, scale))
+
+
+class DiT(nnx.Module):
+  """The diffusion backbone on patch tokens, conditioned on t and on text embeddings."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d = config.hidden_size
+    common = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
+    self.patch_embed = layers.PatchEmbed(config.patch_size, config.in_channels, d, **common)
+    self.time_embed = layers.TimestepEmbedder(d, **common)
+    # The pooled text vector joins the timestep vector in every adaLN modulation.
+    self.text_pool = layers.dense(config.text_hidden_size, d, (axes.TEXT_EMBED, axes.EMBED),
+                                  **common)
+    self.blocks = nnx.List([DiTBlock(config, i, rngs=rngs) for i in range(config.num_layers)])
+    self.final = FinalLayer(config, rngs=rngs)
+
+  def embed(self, x_t: jax.Array) -> jax.Array:
+    cfg = self.config
+    positions = layers.sincos_2d_positions(cfg.hidden_size, cfg.grid_size)
+    return self.patch_embed(x_t) + jnp.asarray(positions, cfg.compute_dtype)
+
+  def conditioning(self, t: jax.Array, context: jax.Array, context_lengths: jax.Array):
+    valid = jnp.arange(context.shape[1])[None, :] < context_lengths[:, None]
+    weights = valid.astype(jnp.float32) / jnp.maximum(context_lengths[:, None], 1)
+    pooled = jnp.einsum("bl,bld->bd", weights, context.astype(jnp.float32))
+    return self.time_embed(t) + self.text_pool(pooled)
+
+  def __call__(self, x_t: jax.Array, t: jax.Array, context: jax.Array,
+               context_lengths: jax.Array, *, keep_index: jax.Array | None = None,
+               train: bool = True, capacity_factor: float | None = None):
+    """Predicts the velocity.
+
+    Args:
+      x_t: (B, H, W, C) noisy images or latents.
+      t: (B,) times in [0, 1].
+      context: (B, L, text_width) text embeddings; context_lengths: (B,) valid prefix lengths.
+      keep_index: optional (B, K) sorted token indices kept by token masking; the backbone (and
+        so the routing) sees only those tokens.
+      train: selects the training or the inference capacity factor.
+      capacity_factor: overrides either (e.g. for capacity sweeps).
+    Returns:
+      (prediction, aux): prediction (B, H, W, C) float32, or (B, K, p*p*C) patch tokens when
+      ``keep_index`` is given; aux = {"aux_loss": scalar, "moe": {stat: (num_moe_layers,)}}.
+    """
+    cfg = self.config
+    b, h, w, c = x_t.shape
+    if (h, w, c) != (cfg.image_size, cfg.image_size, cfg.in_channels):
+      raise ValueError(f"input of shape {(h, w, c)} does not match config.model.image_size="
+                       f"{cfg.image_size}, config.model.in_channels={cfg.in_channels}")
+    x = self.embed(x_t)
+    if keep_index is not None:
+      x = jnp.take_along_axis(x, keep_index[..., None], axis=1)
+    cond = self.conditioning(t, context, context_lengths)
+    layer_aux = []
+    for block in self.blocks:
+      x, aux = block(x, cond, context, context_lengths, train=train,
+                     capacity_factor=capacity_factor)
+      if aux is not None:
+        layer_aux.append(aux)
+    out = self.final(x, cond).astype(jnp.float32)
+    if keep_index is None:
+      out = layers.unpatchify(out, cfg.patch_size, h, w)
+    return out, stack_layer_aux(layer_aux)
+
+
+def stack_layer_aux(layer_aux: list[dict]) -> dict:
+  """Sums the layers' auxiliary losses and stacks their statistics along a layer axis."""
+  if not layer_aux:
+    return {"aux_loss": jnp.zeros((), jnp.float32), "moe": {}}
+  stats = {k: jnp.stack([a[k] for a in layer_aux]) for k in layer_aux[0] if k != "aux_loss"}
+  return {"aux_loss": sum(a["aux_loss"] for a in layer_aux), "moe": stats}
+
+
+class TextToImageDiT(nnx.Module):
+  """Text encoder + DiT: ``model(x_t, t, tokens) -> (velocity, aux)``.
+
+  ``encode_text`` and ``dit`` are exposed separately so that a sampler encodes the prompt once
+  and reuses the embeddings at every step.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.text_encoder = TextEncoder(config, rngs=rngs)
+    self.dit = DiT(config, rngs=rngs)
+
+  def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.text_encoder(tokens)
+
+  def __call__(self, x_t: jax.Array, t: jax.Array, tokens: jax.Array, **kwargs):
+    context, lengths = self.encode_text(tokens)
+    return self.dit(x_t, t, context, lengths, **kwargs)

@@ -1,0 +1,247 @@
+"""Mixture-of-experts feed-forward layers: expert-choice (EC-DiT) and the token-choice baseline.
+
+Expert choice (Algorithm 1 of the EC-DiT paper), per routing group of N tokens:
+  logits = x W_r (float32);  scores = softmax over the E experts;
+  each expert takes the C = round(N f / E) tokens with the highest score for it;
+  y = sum over the experts that took a token of score * expert(x).
+Every expert processes exactly C tokens, so there is nothing to balance and no auxiliary loss;
+a token may be taken by any number of experts (0 .. E), which is how compute adapts per token.
+
+The routing functions below are pure and work on (G, N, ...) arrays of G routing groups; the
+modules only hold parameters and reshape the batch into groups. The expert-parallel layer reuses
+the same routing, dispatch and combine functions inside ``shard_map``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ecdit_jax.model.config import ModelConfig, expert_capacity
+from ecdit_jax.parallel import axes
+
+
+class Experts(nnx.Module):
+  """E GELU FFNs (d -> hidden -> d) stored stacked and applied as one batched einsum."""
+
+  def __init__(self, num_experts: int, hidden_size: int, mlp_hidden_size: int, *,
+               rngs: nnx.Rngs, dtype, param_dtype):
+    init = nnx.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
+    zeros = nnx.initializers.zeros_init()
+    e, d, h = num_experts, hidden_size, mlp_hidden_size
+    self.w_in = nnx.Param(axes.partitioned(init, (axes.EXPERT, axes.EMBED, axes.MLP))(
+        rngs.params(), (e, d, h), param_dtype))
+    self.b_in = nnx.Param(axes.partitioned(zeros, (axes.EXPERT, axes.MLP))(
+        rngs.params(), (e, h), param_dtype))
+    self.w_out = nnx.Param(axes.partitioned(init, (axes.EXPERT, axes.MLP, axes.EMBED))(
+        rngs.params(), (e, h, d), param_dtype))
+    self.b_out = nnx.Param(axes.partitioned(zeros, (axes.EXPERT, axes.EMBED))(
+        rngs.params(), (e, d), param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x (..., E, C, d) -> (..., E, C, d): expert e applied to its C tokens."""
+    dt = self.dtype
+    h = jnp.einsum("...ecd,edh->...ech", x.astype(dt), self.w_in[...].astype(dt))
+    h = nnx.gelu(h + self.b_in[...].astype(dt)[:, None, :], approximate=True)
+    y = jnp.einsum("...ech,ehd->...ecd", h, self.w_out[...].astype(dt))
+    return y + self.b_out[...].astype(dt)[:, None, :]
+
+
+class Router(nnx.Module):
+  """W_r (d x E); logits are computed in float32 whatever the compute dtype."""
+
+  def __init__(self, hidden_size: int, num_experts: int, *, rngs: nnx.Rngs, param_dtype):
+    init = axes.partitioned(nnx.initializers.normal(0.02), (axes.EMBED, axes.UNSHARDED))
+    self.kernel = nnx.Param(init(rngs.params(), (hidden_size, num_experts), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("...d,de->...e", x.astype(jnp.float32),
+                      self.kernel[...].astype(jnp.float32))
+
+
+# --- Pure routing functions on (G, N, ...) groups ---------------------------------------------
+
+def expert_choice_route(logits: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """Each expert picks its top-``capacity`` tokens by softmax score.
+
+  Args:
+    logits: (G, N, E) float32 router logits.
+    capacity: C, tokens per expert (1 <= C <= N).
+  Returns:
+    gates (G, E, C) float32: the chosen tokens' scores; token_index (G, E, C) int32.
+  """
+  scores = jax.nn.softmax(logits, axis=-1)
+  gates, token_index = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), capacity)
+  return gates, token_index.astype(jnp.int32)
+
+
+def gather_tokens(x: jax.Array, token_index: jax.Array) -> jax.Array:
+  """x (G, N, d), token_index (G, E, C) -> (G, E, C, d)."""
+  return jax.vmap(lambda xs, idx: xs[idx])(x, token_index)
+
+
+def scatter_add_tokens(values: jax.Array, token_index: jax.Array, num_tokens: int) -> jax.Array:
+  """values (G, E, C, d) added into (G, N, d) at token_index (G, E, C); float32 accumulation."""
+  g, e, c, d = values.shape
+  flat_values = values.reshape(g, e * c, d).astype(jnp.float32)
+  flat_index = token_index.reshape(g, e * c)
+  zeros = jnp.zeros((g, num_tokens, d), jnp.float32)
+  return jax.vmap(lambda out, idx, v: out.at[idx].add(v))(zeros, flat_index, flat_values)
+
+
+def experts_per_token(token_index: jax.Array, num_tokens: int) -> jax.Array:
+  """How many experts took each token: (G, E, C) indices -> (G, N) int32 counts."""
+  g = token_index.shape[0]
+  ones = jnp.ones((g, token_index.shape[1] * token_index.shape[2]), jnp.int32)
+  zeros = jnp.zeros((g, num_tokens), jnp.int32)
+  return jax.vmap(lambda out, idx, v: out.at[idx].add(v))(
+      zeros, token_index.reshape(g, -1), ones)
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+  """Mean squared log-partition of the router logits (ST-MoE); keeps logits from drifting."""
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1)**2)
+
+
+def routing_stats(counts: jax.Array) -> dict[str, jax.Array]:
+  """Fractions of tokens processed by 0, 1 and 2+ experts, and the mean count."""
+  counts = counts.astype(jnp.float32)
+  return {
+      "tokens_0_experts": jnp.mean(counts == 0),
+      "tokens_1_expert": jnp.mean(counts == 1),
+      "tokens_2plus_experts": jnp.mean(counts >= 2),
+      "experts_per_token": jnp.mean(counts),
+  }
+
+
+def token_choice_route(logits: jax.Array, top_k: int, capacity: int):
+  """GShard/Switch-style routing: each token picks its top-k experts, experts have C slots.
+
+  Slots are filled in priority order: every token's first choice before any second choice, and
+  within a choice rank in token order. A choice that finds its expert full is dropped.
+  Returns a dict of (G, N, k) arrays ``expert``, ``gate`` (renormalised over the k choices when
+  k > 1), ``slot``, ``kept``, plus ``slot_token`` (G, E, C): the token in each slot, or N (a
+  padding row) for an empty slot, and ``scores`` (G, N, E).
+  """
+  g, n, e = logits.shape
+  scores = jax.nn.softmax(logits, axis=-1)
+  gate, expert = jax.lax.top_k(scores, top_k)
+  if top_k > 1:
+    gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+  rank_major = jnp.swapaxes(expert, 1, 2).reshape(g, top_k * n)  # choice rank, then token
+  onehot = jax.nn.one_hot(rank_major, e, dtype=jnp.int32)
+  slot = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)
+  slot = jnp.swapaxes(slot.reshape(g, top_k, n), 1, 2)
+  kept = slot < capacity
+  token = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], expert.shape)
+  # Dropped choices write out of bounds and are discarded by mode="drop".
+  safe_slot = jnp.where(kept, slot, capacity)
+  slot_token = jax.vmap(lambda table, ex, sl, tok: table.at[ex, sl].set(tok, mode="drop"))(
+      jnp.full((g, e, capacity), n, jnp.int32), expert, safe_slot, token)
+  return dict(expert=expert.astype(jnp.int32), gate=gate, slot=slot.astype(jnp.int32),
+              kept=kept, slot_token=slot_token, scores=scores)
+
+
+def load_balance_loss(scores: jax.Array, expert: jax.Array) -> jax.Array:
+  """Switch/GShard auxiliary loss E * sum_e f_e * P_e, averaged over groups.
+
+  f_e: fraction of the N*k routing choices (before dropping) sent to expert e; P_e: mean router
+  probability of e. Equals 1 when routing is uniform; grows as it concentrates.
+  """
+  num_experts = scores.shape[-1]
+  fraction = jnp.mean(jax.nn.one_hot(expert, num_experts, dtype=jnp.float32), axis=(1, 2))
+  probability = jnp.mean(scores, axis=1)
+  return jnp.mean(num_experts * jnp.sum(fraction * probability, axis=-1))
+
+
+# --- Modules ------------------------------------------------------------------------------------
+
+def _to_groups(x: jax.Array, group_size: int) -> jax.Array:
+  b, s, d = x.shape
+  if b % group_size:
+    raise ValueError(f"the batch of {b} images is not divisible by "
+                     f"config.model.routing_group_size={group_size}")
+  return x.reshape(b // group_size, group_size * s, d)
+
+
+class ExpertChoiceFFN(nnx.Module):
+  """The EC-DiT MoE layer: router + E experts, expert-choice top-C routing per group."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.router = Router(config.hidden_size, config.num_experts, rngs=rngs,
+                         param_dtype=config.parameter_dtype)
+    self.experts = Experts(config.num_experts, config.hidden_size, config.mlp_hidden_size,
+                           rngs=rngs, dtype=config.compute_dtype,
+                           param_dtype=config.parameter_dtype)
+
+  def capacity(self, group_tokens: int, capacity_factor: float) -> int:
+    capacity = expert_capacity(group_tokens, capacity_factor, self.config.num_experts)
+    if capacity < 1:
+      raise ValueError(f"capacity factor {capacity_factor} leaves each of the "
+                       f"{self.config.num_experts} experts < 1 of {group_tokens} tokens")
+    return capacity
+
+  def __call__(self, x: jax.Array, *, train: bool = True,
+               capacity_factor: float | None = None) -> tuple[jax.Array, dict]:
+    cfg = self.config
+    if capacity_factor is None:
+      capacity_factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
+    b, s, d = x.shape
+    groups = _to_groups(x, cfg.routing_group_size)
+    n = groups.shape[1]
+    logits = self.router(groups)
+    gates, token_index = expert_choice_route(logits, self.capacity(n, capacity_factor))
+    expert_out = self.experts(gather_tokens(groups, token_index))
+    weighted = expert_out.astype(jnp.float32) * gates[..., None]
+    y = scatter_add_tokens(weighted, token_index, n).astype(x.dtype).reshape(b, s, d)
+    z_loss = router_z_loss(logits)
+    aux = routing_stats(experts_per_token(token_index, n))
+    aux.update(router_z_loss=z_loss, load_balance_loss=jnp.zeros((), jnp.float32),
+               aux_loss=cfg.router_z_loss_weight * z_loss)
+    return y, aux
+
+
+class TokenChoiceFFN(nnx.Module):
+  """The token-choice top-k baseline with capacity, dropping and the load-balancing loss."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.router = Router(config.hidden_size, config.num_experts, rngs=rngs,
+                         param_dtype=config.parameter_dtype)
+    self.experts = Experts(config.num_experts, config.hidden_size, config.mlp_hidden_size,
+                           rngs=rngs, dtype=config.compute_dtype,
+                           param_dtype=config.parameter_dtype)
+
+  def capacity(self, group_tokens: int, capacity_factor: float) -> int:
+    cfg = self.config
+    per_expert = group_tokens * cfg.token_choice_top_k * capacity_factor / cfg.num_experts
+    return max(1, min(group_tokens, int(per_expert + 0.5)))
+
+  def __call__(self, x: jax.Array, *, train: bool = True,
+               capacity_factor: float | None = None) -> tuple[jax.Array, dict]:
+    del train  # the token-choice buffer size is the same for training and inference
+    cfg = self.config
+    if capacity_factor is None:
+      capacity_factor = cfg.token_choice_capacity_factor
+    b, s, d = x.shape
+    groups = _to_groups(x, cfg.routing_group_size)
+    n = groups.shape[1]
+    logits = self.router(groups)
+    route = token_choice_route(logits, cfg.token_choice_top_k, self.capacity(n, capacity_factor))
+    padded = jnp.pad(groups, ((0, 0), (0, 1), (0, 0)))  # row n: zeros for empty slots
+    expert_out = self.experts(gather_tokens(padded, route["slot_token"]))  # (G, E, C, d)
+    capacity = expert_out.shape[2]
+    picked = jax.vmap(lambda out, ex, sl: out[ex, jnp.minimum(sl, capacity - 1)])(
+        expert_out, route["expert"], route["slot"])  # (G, N, k, d)
+    weights = jnp.where(route["kept"], route["gate"], 0.0)
+    y = jnp.sum(picked.astype(jnp.float32) * weights[..., None], axis=2)
+    y = y.astype(x.dtype).reshape(b, s, d)
+    z_loss = router_z_loss(logits)
+    lb_loss = load_balance_loss(route["scores"], route["expert"])
+    aux = routing_stats(jnp.sum(route["kept"], axis=-1))
+    aux.update(router_z_loss=z_loss, load_balance_loss=lb_loss,
+               aux_loss=cfg.router_z_loss_weight * z_loss + cfg.load_balance_loss_weight * lb_loss)
+    return y, aux
