@@ -1,0 +1,134 @@
+"""MaskDiT-style token masking and the patch layout it operates on.
+
+Training on a random subset of image tokens (MaskDiT; EC-DiT uses a mask
+ratio of 0.5) roughly halves the transformer cost per step. The helpers here
+choose which tokens each image keeps, gather them, and convert between images
+and token sequences.
+
+Patch layout (shared with the model package): an image of shape
+``(H, W, C)`` with patch size ``p`` becomes ``N = (H/p) * (W/p)`` tokens;
+patch ``(i, j)`` (row ``i``, column ``j``) is token ``i * (W/p) + j`` and its
+``p * p * C`` features are ordered ``(dy, dx, c)``, i.e. channel fastest.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "num_kept_tokens",
+    "random_keep_indices",
+    "gather_tokens",
+    "keep_mask",
+    "scatter_tokens",
+    "patchify",
+    "unpatchify",
+]
+
+
+def num_kept_tokens(num_tokens: int, mask_ratio: float) -> int:
+    """Number of tokens each image keeps: ``max(1, floor(num_tokens * (1 - mask_ratio)))``.
+
+    ``mask_ratio`` is the fraction of tokens dropped and must satisfy
+    ``0 <= mask_ratio < 1``; ratio 0 keeps all tokens. Both arguments must be
+    static Python numbers because the result defines array shapes.
+    """
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral) or num_tokens < 1:
+        raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):
+        raise ValueError(f"mask_ratio must be a real number in [0, 1), got {mask_ratio!r}")
+    if not (0.0 <= mask_ratio < 1.0):  # also rejects NaN
+        raise ValueError(f"mask_ratio must satisfy 0 <= mask_ratio < 1, got {mask_ratio!r}")
+    # The small epsilon stops float error (e.g. 10 * (1 - 0.7) = 2.9999...)
+    # from flooring one token too few.
+    kept = math.floor(num_tokens * (1.0 - float(mask_ratio)) + 1e-9)
+    return int(min(num_tokens, max(1, kept)))
+
+
+def random_keep_indices(rng, batch_size: int, num_tokens: int, mask_ratio: float) -> jax.Array:
+    """Uniformly random token subsets, one per image, as int32 ``(batch_size, K)``.
+
+    ``K = num_kept_tokens(num_tokens, mask_ratio)``. Each row is a uniformly
+    random K-subset of ``range(num_tokens)`` drawn independently per image and
+    sorted ascending, so kept tokens stay in raster order (positional
+    embeddings and any locality in attention are preserved). With ratio 0 every
+    row is ``0, 1, ..., num_tokens - 1``.
+    """
+    num_keep = num_kept_tokens(num_tokens, mask_ratio)
+    if num_keep == num_tokens:
+        return jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch_size, num_tokens))
+    # The K largest of i.i.d. uniform scores form a uniformly random K-subset;
+    # top_k avoids a full sort of all N scores.
+    scores = jax.random.uniform(rng, (batch_size, num_tokens))
+    _, chosen = jax.lax.top_k(scores, num_keep)
+    return jnp.sort(chosen, axis=-1).astype(jnp.int32)
+
+
+def gather_tokens(x: jax.Array, keep_idx: jax.Array) -> jax.Array:
+    """Selects kept tokens: ``x`` ``(B, N, ...)`` and ``keep_idx`` ``(B, K)`` give ``(B, K, ...)``.
+
+    ``out[b, k] = x[b, keep_idx[b, k]]``.
+    """
+    return jax.vmap(lambda row, idx: jnp.take(row, idx, axis=0))(x, keep_idx)
+
+
+def keep_mask(keep_idx: jax.Array, num_tokens: int) -> jax.Array:
+    """Boolean ``(B, num_tokens)`` mask that is ``True`` at the kept token positions.
+
+    Useful as the ``weights`` of the flow-matching loss when the model emits
+    the full token sequence but only kept tokens should be supervised.
+    """
+    batch_index = jnp.arange(keep_idx.shape[0])[:, None]
+    return jnp.zeros((keep_idx.shape[0], num_tokens), dtype=bool).at[batch_index, keep_idx].set(True)
+
+
+def scatter_tokens(kept: jax.Array, keep_idx: jax.Array, num_tokens: int, fill_value=0) -> jax.Array:
+    """Inverse of :func:`gather_tokens`: places ``kept`` ``(B, K, ...)`` back into ``(B, N, ...)``.
+
+    Positions that were dropped are set to ``fill_value`` (a scalar, or an
+    array broadcastable to one token's trailing shape, e.g. a learned mask token).
+    """
+    batch_size = kept.shape[0]
+    full = jnp.broadcast_to(jnp.asarray(fill_value, dtype=kept.dtype),
+                            (batch_size, num_tokens) + kept.shape[2:])
+    batch_index = jnp.arange(batch_size)[:, None]
+    return full.at[batch_index, keep_idx].set(kept)
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """Cuts ``(B, H, W, C)`` images into ``(B, (H/p) * (W/p), p * p * C)`` patch tokens.
+
+    Token ``i * (W/p) + j`` is patch row ``i``, column ``j``; features within
+    a patch are ordered ``(dy, dx, c)``.
+    """
+    batch_size, height, width, channels = images.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by patch_size {patch_size}")
+    rows, cols = height // patch_size, width // patch_size
+    grid = images.reshape(batch_size, rows, patch_size, cols, patch_size, channels)
+    # (B, rows, dy, cols, dx, C) -> (B, rows, cols, dy, dx, C)
+    grid = grid.transpose(0, 1, 3, 2, 4, 5)
+    return grid.reshape(batch_size, rows * cols, patch_size * patch_size * channels)
+
+
+def unpatchify(tokens: jax.Array, patch_size: int, height: int, width: int,
+               channels: int) -> jax.Array:
+    """Inverse of :func:`patchify`: ``(B, N, p * p * C)`` tokens back to ``(B, H, W, C)`` images."""
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by patch_size {patch_size}")
+    rows, cols = height // patch_size, width // patch_size
+    expected = (rows * cols, patch_size * patch_size * channels)
+    if tokens.shape[1:] != expected:
+        raise ValueError(f"tokens shape {tokens.shape[1:]} does not match expected {expected} "
+                         f"for a {height}x{width}x{channels} image with patch_size {patch_size}")
+    batch_size = tokens.shape[0]
+    grid = tokens.reshape(batch_size, rows, cols, patch_size, patch_size, channels)
+    # (B, rows, cols, dy, dx, C) -> (B, rows, dy, cols, dx, C)
+    grid = grid.transpose(0, 1, 3, 2, 4, 5)
+    return grid.reshape(batch_size, height, width, channels)
