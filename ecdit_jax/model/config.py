@@ -64,7 +64,7 @@ class ModelConfig:
   attention_impl: str = "auto"  # auto: cuDNN flash attention on GPU, XLA elsewhere
 
   @classmethod
-  def from_mapping(cls, mapping: Mapping[str, Any], prefix: str = "model") -> "ModelConfig":
+  def from_mapping(cls, mapping: Mapping[str, Any], prefix: str = "config.model") -> "ModelConfig":
     """Builds from a dict or ConfigDict; unknown keys are an error naming the key."""
     known = {f.name for f in dataclasses.fields(cls)}
     values = dict(mapping.items())

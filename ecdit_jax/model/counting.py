@@ -50,8 +50,9 @@ def experts_per_token(config: ModelConfig) -> float:
   return float(config.token_choice_top_k)
 
 
-def count_params(config: ModelConfig) -> ParamCounts:
-  model = abstract_model(config)
+def count_params(config: ModelConfig, model: TextToImageDiT | None = None) -> ParamCounts:
+  """Counts ``model`` (built abstractly from ``config`` when not given)."""
+  model = abstract_model(config) if model is None else model
   text = _size(nnx.state(model.text_encoder, nnx.Param))
   backbone = _size(nnx.state(model.dit, nnx.Param))
   experts = sum(_size(nnx.state(block.ffn.experts, nnx.Param))

@@ -1,0 +1,99 @@
+r"""The embedded default: a tiny EC-DiT (8 experts) trained on GenEval-Shapes, 32x32 pixels.
+
+Sized to learn visibly within minutes on a 2-core CPU; the same code scales to the paper's
+models (configs/ecdit.py). Run it with:
+
+  python -m ecdit_jax.main --config=configs/default.py --workdir=workdirs/default
+
+Any key can be overridden on the command line, e.g. ``--config.batch_size=32``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # config.model: the fields of ecdit_jax.model.ModelConfig.
+  config.model = ml_collections.ConfigDict(dict(
+      image_size=32,
+      in_channels=3,
+      patch_size=4,  # 64 tokens: learns within minutes on a CPU (the paper uses 2 on latents)
+      hidden_size=128,
+      num_layers=6,
+      num_heads=4,
+      num_kv_heads=2,
+      qk_norm=True,
+      mlp_ratio=4.0,
+      moe_layout="every_other",
+      router="expert_choice",
+      num_experts=8,
+      capacity_factor=2.0,
+      eval_capacity_factor=2.0,
+      routing_group_size=1,
+      router_z_loss_weight=0.0,
+      token_choice_top_k=2,
+      token_choice_capacity_factor=1.25,
+      load_balance_loss_weight=0.01,
+      text_vocab_size=128,  # the tokenizer trained on the captions has fewer pieces
+      text_max_len=16,
+      text_hidden_size=128,
+      text_num_layers=2,
+      text_num_heads=4,
+      dtype="float32",  # bfloat16 is slower than float32 on most CPUs; use it on accelerators
+      param_dtype="float32",
+      attention_impl="auto",
+  ))
+
+  # Data: GenEval-Shapes is generated locally on first use and cached under data_dir.
+  config.data = ml_collections.ConfigDict(dict(
+      dataset="geneval_shapes",
+      data_dir="",  # empty: ~/tensorflow_datasets
+      num_train=20_000,
+      num_test=1_000,
+      generator_seed=0,
+      image_key="image",
+      text_key="caption",
+      tokenizer_path="",  # empty: train a sentencepiece model on the captions and cache it
+      tokenizer_vocab_size=64,
+      worker_count=0,  # grain worker processes; 0 reads in the main process
+  ))
+
+  # Rectified flow.
+  config.diffusion = ml_collections.ConfigDict(dict(
+      timestep_loc=0.0,  # logit-normal timesteps: sigmoid(N(loc, scale^2))
+      timestep_scale=1.0,
+      caption_dropout=0.1,  # probability of the null caption (classifier-free guidance)
+      mask_ratio=0.0,  # MaskDiT-style token masking; the paper uses 0.5
+      unmasked_final_steps=0,  # last steps trained without masking
+  ))
+
+  # Optimisation (keys follow the flax examples).
+  config.batch_size = 64  # global batch; split over devices and accumulation steps
+  config.grad_accum_steps = 1
+  config.num_train_steps = 3000
+  config.learning_rate = 1e-3
+  config.warmup_steps = 200
+  config.momentum = 0.9  # RMSProp with momentum, as in the paper
+  config.rmsprop_decay = 0.999
+  config.rmsprop_eps = 1e-8
+  config.grad_clip_norm = 1.0
+  config.weight_decay = 0.0
+  config.ema_decay = 0.999
+  config.nonfinite_loss = "stop"  # or "skip": drop the update of a step with a NaN/inf loss
+
+  # Logging, checkpoints, samples.
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.sample_every_steps = 1000
+  config.sample = ml_collections.ConfigDict(dict(
+      num_steps=25,
+      method="euler",  # or heun
+      cfg_scale=3.0,
+      prompts=("a red circle", "a blue square", "a green triangle", "a yellow circle",
+               "a purple square", "a cyan triangle", "a red square and a blue circle",
+               "two triangles"),
+  ))
+  return config
