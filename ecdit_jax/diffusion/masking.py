@@ -5,7 +5,7 @@ ratio of 0.5) roughly halves the transformer cost per step. The helpers here
 choose which tokens each image keeps, gather them, and convert between images
 and token sequences.
 
-Patch layout (shared with the model package): an image of shape
+Patch layout (defined once, in ``ecdit_jax.model.layers``): an image of shape
 ``(H, W, C)`` with patch size ``p`` becomes ``N = (H/p) * (W/p)`` tokens;
 patch ``(i, j)`` (row ``i``, column ``j``) is token ``i * (W/p) + j`` and its
 ``p * p * C`` features are ordered ``(dy, dx, c)``, i.e. channel fastest.
@@ -18,6 +18,8 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+
+from ecdit_jax.model.layers import patchify, unpatchify
 
 __all__ = [
     "num_kept_tokens",
@@ -97,38 +99,3 @@ def scatter_tokens(kept: jax.Array, keep_idx: jax.Array, num_tokens: int, fill_v
                             (batch_size, num_tokens) + kept.shape[2:])
     batch_index = jnp.arange(batch_size)[:, None]
     return full.at[batch_index, keep_idx].set(kept)
-
-
-def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-    """Cuts ``(B, H, W, C)`` images into ``(B, (H/p) * (W/p), p * p * C)`` patch tokens.
-
-    Token ``i * (W/p) + j`` is patch row ``i``, column ``j``; features within
-    a patch are ordered ``(dy, dx, c)``.
-    """
-    batch_size, height, width, channels = images.shape
-    if height % patch_size or width % patch_size:
-        raise ValueError(
-            f"image size {height}x{width} is not divisible by patch_size {patch_size}")
-    rows, cols = height // patch_size, width // patch_size
-    grid = images.reshape(batch_size, rows, patch_size, cols, patch_size, channels)
-    # (B, rows, dy, cols, dx, C) -> (B, rows, cols, dy, dx, C)
-    grid = grid.transpose(0, 1, 3, 2, 4, 5)
-    return grid.reshape(batch_size, rows * cols, patch_size * patch_size * channels)
-
-
-def unpatchify(tokens: jax.Array, patch_size: int, height: int, width: int,
-               channels: int) -> jax.Array:
-    """Inverse of :func:`patchify`: ``(B, N, p * p * C)`` tokens back to ``(B, H, W, C)`` images."""
-    if height % patch_size or width % patch_size:
-        raise ValueError(
-            f"image size {height}x{width} is not divisible by patch_size {patch_size}")
-    rows, cols = height // patch_size, width // patch_size
-    expected = (rows * cols, patch_size * patch_size * channels)
-    if tokens.shape[1:] != expected:
-        raise ValueError(f"tokens shape {tokens.shape[1:]} does not match expected {expected} "
-                         f"for a {height}x{width}x{channels} image with patch_size {patch_size}")
-    batch_size = tokens.shape[0]
-    grid = tokens.reshape(batch_size, rows, cols, patch_size, patch_size, channels)
-    # (B, rows, cols, dy, dx, C) -> (B, rows, dy, cols, dx, C)
-    grid = grid.transpose(0, 1, 3, 2, 4, 5)
-    return grid.reshape(batch_size, height, width, channels)

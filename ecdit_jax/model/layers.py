@@ -39,18 +39,23 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   """(B, H, W, C) -> (B, N, p*p*C): patch (i, j) is token i*(W/p)+j, features in (dy, dx, c)."""
   b, h, w, c = images.shape
   p = patch_size
+  if h % p or w % p:
+    raise ValueError(f"image size {h}x{w} is not divisible by patch_size {p}")
   x = images.reshape(b, h // p, p, w // p, p, c)
-  x = x.transpose(0, 1, 3, 2, 4, 5)
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, rows, cols, dy, dx, C)
   return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def unpatchify(tokens: jax.Array, patch_size: int, height: int, width: int) -> jax.Array:
   """The inverse of :func:`patchify`: (B, N, p*p*C) -> (B, H, W, C)."""
-  b, _, d = tokens.shape
+  b, n, d = tokens.shape
   p = patch_size
+  if height % p or width % p or n != (height // p) * (width // p) or d % (p * p):
+    raise ValueError(f"tokens of shape {tokens.shape[1:]} do not tile a {height}x{width} image "
+                     f"with patch_size {p}")
   c = d // (p * p)
   x = tokens.reshape(b, height // p, width // p, p, p, c)
-  x = x.transpose(0, 1, 3, 2, 4, 5)
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, rows, dy, cols, dx, C)
   return x.reshape(b, height, width, c)
 
 

@@ -93,6 +93,6 @@ def test_patchify_round_trip_non_square():
     assert tokens.shape == (2, 6, 48)
     # Token i * (W/p) + j holds the pixels of patch (i, j).
     np.testing.assert_array_equal(tokens[1, 1 * 3 + 2].reshape(4, 4, 3), images[1, 4:8, 8:12])
-    np.testing.assert_array_equal(masking.unpatchify(tokens, 4, 8, 12, 3), images)
+    np.testing.assert_array_equal(masking.unpatchify(tokens, 4, 8, 12), images)
     with pytest.raises(ValueError):
         masking.patchify(images, 5)
