@@ -1,0 +1,210 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Resumes from the latest checkpoint in ``workdir`` if there is one (model, optimizer, RNG and
+data position), so a restarted or extended run (``--config.num_train_steps=N``) continues
+exactly where it stopped. SIGTERM (e.g. a preempted TPU VM) saves a checkpoint and returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import jax
+import ml_collections
+import numpy as np
+
+from ecdit_jax.model import ConfigError, ModelConfig
+from ecdit_jax.train import input_pipeline
+from ecdit_jax.train.checkpoint import Checkpointer, check_same_model
+from ecdit_jax.train.metrics import MetricWriter, Progress, log_line, name_moe_layers
+from ecdit_jax.train.optimizer import make_optimizer
+from ecdit_jax.train.sampling import make_sampler, sample_grid, to_uint8
+from ecdit_jax.train.state import TrainState, abstract_train_state, create_train_state
+from ecdit_jax.train.step import make_train_step
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """Fails at start, naming the key, for values that cannot work."""
+  model_config = ModelConfig.from_mapping(config.model)
+
+  def check(ok, message):
+    if not ok:
+      raise ConfigError(message)
+
+  for key in ("batch_size", "num_train_steps", "grad_accum_steps", "log_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints"):
+    check(isinstance(config[key], int) and config[key] >= 1,
+          f"config.{key}={config[key]!r} must be a positive integer")
+  per_process, rest = divmod(config.batch_size, jax.process_count())
+  check(rest == 0, f"config.batch_size={config.batch_size} must be divisible by the "
+                   f"{jax.process_count()} processes")
+  check(per_process % config.grad_accum_steps == 0,
+        f"config.batch_size={config.batch_size} per process must be divisible by "
+        f"config.grad_accum_steps={config.grad_accum_steps}")
+  if model_config.routing_group_size > 1:
+    micro = per_process // config.grad_accum_steps
+    check(micro % model_config.routing_group_size == 0,
+          f"config.model.routing_group_size={model_config.routing_group_size} must divide the "
+          f"micro-batch of {micro} images")
+  check(config.learning_rate > 0, f"config.learning_rate={config.learning_rate} must be > 0")
+  check(config.warmup_steps >= 0, f"config.warmup_steps={config.warmup_steps} must be >= 0")
+  check(0 <= config.ema_decay < 1, f"config.ema_decay={config.ema_decay} must be in [0, 1)")
+  check(config.nonfinite_loss in ("stop", "skip"),
+        f"config.nonfinite_loss={config.nonfinite_loss!r} must be 'stop' or 'skip'")
+  check(0 <= config.diffusion.mask_ratio < 1,
+        f"config.diffusion.mask_ratio={config.diffusion.mask_ratio} must be in [0, 1)")
+  check(0 <= config.diffusion.caption_dropout <= 1,
+        f"config.diffusion.caption_dropout={config.diffusion.caption_dropout} must be in [0, 1]")
+  check(config.diffusion.timestep_scale > 0,
+        f"config.diffusion.timestep_scale={config.diffusion.timestep_scale} must be > 0")
+  check(config.sample.method in ("euler", "heun"),
+        f"config.sample.method={config.sample.method!r} must be 'euler' or 'heun'")
+  return model_config
+
+
+class _StopRequest:
+  """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def config_as_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _restore_or_init(config, model_config, optimizer, checkpointer, iterator, workdir):
+  latest = checkpointer.latest_step()
+  if latest is None:
+    graphdef, state = create_train_state(model_config, optimizer, config.seed)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_as_dict(config), f, indent=2)
+    return graphdef, state
+  check_same_model(checkpointer.restore_config(latest), config_as_dict(config))
+  graphdef, abstract = abstract_train_state(model_config, optimizer, config.seed)
+  state = checkpointer.restore(latest, abstract, iterator)
+  log_line(f"resumed from step {latest} in {checkpointer.directory}")
+  return graphdef, state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  model_config = validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  source = input_pipeline.data_source(config, "train")
+  tokenizer = input_pipeline.tokenizer_for(config, workdir, source)
+  input_pipeline.check_tokenizer_fits(tokenizer, model_config)
+  null_tokens = input_pipeline.null_tokens(tokenizer, model_config.text_max_len)
+  iterator = input_pipeline.train_iterator(config, source, tokenizer)
+  optimizer = make_optimizer(config)
+  checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  try:
+    graphdef, state = _restore_or_init(config, model_config, optimizer, checkpointer, iterator,
+                                       workdir)
+    return _train(config, model_config, workdir, graphdef, state, optimizer, iterator,
+                  checkpointer, tokenizer, null_tokens)
+  finally:
+    checkpointer.close()  # waits for an async save: a finished run leaves complete checkpoints
+
+
+def _train(config, model_config, workdir, graphdef, state, optimizer, iterator, checkpointer,
+           tokenizer, null_tokens) -> TrainState:
+  start, total = int(state.step), config.num_train_steps
+  if start >= total:
+    log_line(f"step {start} >= config.num_train_steps={total}: nothing to train")
+    return state
+  steps = {masked: jax.jit(make_train_step(graphdef, model_config, config, optimizer,
+                                           null_tokens, masked=masked), donate_argnums=0)
+           for masked in {False, config.diffusion.mask_ratio > 0}}
+  unmasked_from = total - config.diffusion.unmasked_final_steps
+  sampler = None
+  if config.sample_every_steps:
+    sampler = make_sampler(graphdef, model_config, num_steps=config.sample.num_steps,
+                           cfg_scale=config.sample.cfg_scale, method=config.sample.method)
+    prompt_tokens = tokenizer.encode_batch(list(config.sample.prompts), model_config.text_max_len)
+  writer = MetricWriter(workdir)
+  progress = Progress(start, total, config.batch_size)
+  config_dict = config_as_dict(config)
+  losses, skipped_records, skipped_updates = [], 0, 0
+  pending = None  # (step number, metrics): checked one step late to keep the device busy
+
+  def check(pending_step, metrics):
+    nonlocal skipped_updates
+    losses.append(float(metrics["loss"]))
+    if bool(metrics["nonfinite"]):
+      if config.nonfinite_loss == "stop":
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {pending_step}; stopping "
+            f"(config.nonfinite_loss='stop'). Checkpoints already saved are untouched; the "
+            f"latest is step {checkpointer.latest_step()}.")
+      skipped_updates += 1
+      log_line(f"step {pending_step}: non-finite loss or gradient, update skipped")
+
+  with _StopRequest() as stop:
+    for step in range(start, total):
+      batch = next(iterator)
+      skipped_records += int(batch.pop("num_skipped"))
+      masked = config.diffusion.mask_ratio > 0 and step < unmasked_from
+      state, metrics = steps[masked](state, batch)
+      if pending is not None:
+        check(*pending)
+      pending, done = (step + 1, metrics), step + 1
+
+      if done % config.log_every_steps == 0 or done == total:
+        check(*pending)
+        pending = None
+        rates = progress.update(done)
+        scalars = {"loss": float(np.mean(losses)), "aux_loss": float(metrics["aux_loss"]),
+                   "grad_norm": float(metrics["grad_norm"]),
+                   "learning_rate": float(metrics["learning_rate"]),
+                   "skipped_records": skipped_records, "skipped_updates": skipped_updates,
+                   **rates}
+        scalars.update({f"routing/{k}": v for k, v in
+                        name_moe_layers(metrics["moe"], model_config.moe_layer_indices).items()})
+        writer.write_scalars(done, scalars)
+        log_line(Progress.line(done, total, scalars["loss"], rates))
+        losses.clear()
+
+      if sampler is not None and done % config.sample_every_steps == 0:
+        _write_samples(sampler, state, prompt_tokens, null_tokens, config, workdir, writer, done)
+
+      if done % config.checkpoint_every_steps == 0 or done == total or stop.requested:
+        if pending is not None:  # never save a state that has not been checked
+          check(*pending)
+          pending = None
+        checkpointer.save(done, state, iterator, config_dict, force=True)
+      if stop.requested:
+        log_line(f"SIGTERM: saved step {done}, exiting")
+        break
+  writer.close()
+  return state
+
+
+def _write_samples(sampler, state, prompt_tokens, null_tokens, config, workdir, writer, step):
+  images = to_uint8(sampler(state.ema_params, prompt_tokens, null_tokens, config.seed))
+  grid = sample_grid(images, list(config.sample.prompts))
+  if jax.process_index() == 0:
+    from PIL import Image
+    outdir = os.path.join(workdir, "samples")
+    os.makedirs(outdir, exist_ok=True)
+    Image.fromarray(grid).save(os.path.join(outdir, f"step_{step:07d}.png"))
+    with open(os.path.join(outdir, f"step_{step:07d}.txt"), "w", encoding="utf-8") as f:
+      f.write("\n".join(config.sample.prompts) + "\n")
+    writer.write_image(step, "samples", grid)

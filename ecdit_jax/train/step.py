@@ -1,0 +1,115 @@
+"""The jitted training step: a pure function of (train state, batch).
+
+One step draws timesteps, noise, caption dropout and token masks from the state's RNG, computes
+the rectified-flow velocity loss (plus any router auxiliary loss), accumulates gradients over
+micro-batches, applies RMSProp-momentum, and updates the EMA. A step whose loss or gradient is
+not finite leaves parameters, EMA and optimizer state untouched (the host decides whether to
+stop or go on).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from ecdit_jax import diffusion
+from ecdit_jax.model import ModelConfig
+from ecdit_jax.model.layers import patchify
+from ecdit_jax.train.optimizer import learning_rate_schedule
+from ecdit_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:
+  """EMA decay that ramps up early so the average does not linger on the random init."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, model_config: ModelConfig,
+                 config: ml_collections.ConfigDict, null_tokens: jax.Array, masked: bool):
+  """loss_fn(params, batch, rng) -> (total loss, (velocity loss, aux))."""
+  dcfg = config.diffusion
+
+  def loss_fn(params, batch: Batch, rng: jax.Array):
+    model = nnx.merge(graphdef, params)
+    x0, tokens = batch["image"], batch["tokens"]
+    batch_size = x0.shape[0]
+    k_time, k_noise, k_drop, k_mask = jax.random.split(rng, 4)
+    t = diffusion.sample_timesteps(k_time, batch_size, loc=dcfg.timestep_loc,
+                                   scale=dcfg.timestep_scale)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_t = diffusion.add_noise(x0, noise, t)
+    target = diffusion.velocity_target(x0, noise)
+    tokens = diffusion.drop_captions(k_drop, tokens, null_tokens, dcfg.caption_dropout)
+    if masked:
+      keep = diffusion.random_keep_indices(k_mask, batch_size, model_config.num_tokens,
+                                           dcfg.mask_ratio)
+      pred, aux = model(x_t, t, tokens, keep_index=keep, train=True)
+      target = diffusion.gather_tokens(patchify(target, model_config.patch_size), keep)
+    else:
+      pred, aux = model(x_t, t, tokens, train=True)
+    loss = diffusion.flow_matching_loss(pred, target)
+    return loss + aux["aux_loss"], (loss, aux)
+
+  return loss_fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, model_config: ModelConfig,
+                    config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
+                    null_tokens: jax.Array, *, masked: bool) -> Callable:
+  """Returns train_step(state, batch) -> (state, metrics), not yet jitted."""
+  loss_fn = make_loss_fn(graphdef, model_config, config, null_tokens, masked)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  accum = config.grad_accum_steps
+  schedule = learning_rate_schedule(config)
+
+  def train_step(state: TrainState, batch: Batch):
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    batch_size = batch["image"].shape[0]
+    if batch_size % accum:
+      raise ValueError(f"batch of {batch_size} is not divisible by "
+                       f"config.grad_accum_steps={accum}")
+    micro = jax.tree.map(lambda x: x.reshape(accum, batch_size // accum, *x.shape[1:]), batch)
+
+    def accumulate(grad_sum, inputs):
+      index, micro_batch = inputs
+      grads, (loss, aux) = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, index))
+      return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grad_sum, (losses, auxes) = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
+    grads = jax.tree.map(lambda g: g / accum, grad_sum)
+    loss = jnp.mean(losses)
+    grad_norm = optax.global_norm(grads)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, config.ema_decay)
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,  # counts batches consumed, including skipped updates
+        params=keep_new(params, state.params),
+        ema_params=keep_new(ema, state.ema_params),
+        opt_state=keep_new(opt_state, state.opt_state),
+        rng=jax.random.key_data(rng))
+    metrics = {
+        "loss": loss,
+        "aux_loss": jnp.mean(auxes["aux_loss"]),
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step),
+        "nonfinite": ~finite,
+        "moe": jax.tree.map(lambda x: jnp.mean(x, axis=0), auxes["moe"]),
+    }
+    return new_state, metrics
+
+  return train_step
