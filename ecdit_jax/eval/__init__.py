@@ -1,0 +1,1 @@
+"""Evaluation of generated images (GenEval-Shapes scorer)."""
