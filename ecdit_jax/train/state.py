@@ -14,6 +14,13 @@ from ecdit_jax.model import ModelConfig, TextToImageDiT
 from ecdit_jax.model.keys import ParamKeys
 
 
+def to_pure_dict(state: nnx.State) -> dict:
+  # nnx.to_pure_dict replaces the State method in newer flax releases.
+  if hasattr(nnx, "to_pure_dict"):
+    return nnx.to_pure_dict(state)
+  return state.to_pure_dict()
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: training steps taken (batches consumed)
@@ -32,7 +39,7 @@ def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTrans
                        seed: int) -> tuple[nnx.GraphDef, TrainState]:
   """Initialises parameters, EMA, optimizer state and the step RNG from one seed."""
   graphdef, params = nnx.split(build_model(model_config, seed))
-  params = params.to_pure_dict()
+  params = to_pure_dict(params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      ema_params=jax.tree.map(jnp.copy, params),
                      opt_state=optimizer.init(params),

@@ -26,6 +26,14 @@ from ecdit_jax.train.state import TrainState
 Batch = dict[str, jax.Array]
 
 
+def _global_norm(tree) -> jax.Array:
+  # optax.tree.norm supersedes optax.global_norm in newer optax releases.
+  tree_utils = getattr(optax, "tree", None)
+  if tree_utils is not None and hasattr(tree_utils, "norm"):
+    return tree_utils.norm(tree)
+  return optax.global_norm(tree)
+
+
 def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:
   """EMA decay that ramps up early so the average does not linger on the random init."""
   step = step.astype(jnp.float32)
@@ -87,7 +95,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_config: ModelConfig,
     grad_sum, (losses, auxes) = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     loss = jnp.mean(losses)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = _global_norm(grads)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,63 @@
+r"""Samples images for prompts from a trained run.
+
+  python -m ecdit_jax.sample --workdir=DIR --prompts=prompts.txt --outdir=OUT \
+      [--steps=25 --cfg_scale=3 --seed=0 --use_ema --method=euler --batch_size=64]
+
+Writes OUT/00000.png, OUT/00001.png, ... in prompt order (one prompt per line of the file), at
+the training resolution, from the latest checkpoint. Image i depends only on (seed, i) and its
+prompt, not on the batch it was generated in.
+"""
+
+import os
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+flags.DEFINE_string("prompts", None, "Text file with one prompt per line.")
+flags.DEFINE_string("outdir", None, "Where to write the PNGs.")
+flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's config.sample.num_steps).")
+flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the run's config).")
+flags.DEFINE_enum("method", None, ["euler", "heun"], "ODE solver (default: the run's config).")
+flags.DEFINE_integer("seed", 0, "Noise seed.")
+flags.DEFINE_bool("use_ema", True, "Sample with the EMA parameters.")
+flags.DEFINE_integer("batch_size", 64, "Prompts per sampling batch.")
+flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to use (default: the latest).")
+flags.mark_flags_as_required(["workdir", "prompts", "outdir"])
+
+
+def read_prompts(path: str) -> list[str]:
+  with open(path, encoding="utf-8") as f:
+    prompts = [line.strip() for line in f if line.strip()]
+  if not prompts:
+    raise app.UsageError(f"{path} holds no prompts")
+  return prompts
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  from ecdit_jax.train.inference import load_run  # after flag parsing: keeps --help fast
+  from ecdit_jax.train.sampling import make_sampler, to_uint8, write_pngs
+
+  prompts = read_prompts(FLAGS.prompts)
+  if os.path.isdir(FLAGS.outdir) and os.listdir(FLAGS.outdir):
+    raise app.UsageError(f"--outdir={FLAGS.outdir} is not empty; refusing to overwrite")
+  run = load_run(FLAGS.workdir, step=FLAGS.checkpoint_step, use_ema=FLAGS.use_ema)
+  sample_cfg = run.config.sample
+  sampler = make_sampler(
+      run.graphdef, run.model_config,
+      num_steps=FLAGS.steps or sample_cfg.num_steps,
+      cfg_scale=sample_cfg.cfg_scale if FLAGS.cfg_scale is None else FLAGS.cfg_scale,
+      method=FLAGS.method or sample_cfg.method)
+  tokens = run.tokenizer.encode_batch(prompts, run.model_config.text_max_len)
+  for start in range(0, len(prompts), FLAGS.batch_size):
+    images = sampler(run.params, tokens[start:start + FLAGS.batch_size], run.null_tokens,
+                     FLAGS.seed, first_index=start)
+    write_pngs(to_uint8(images), FLAGS.outdir, first_index=start)
+  print(f"wrote {len(prompts)} images to {FLAGS.outdir} (checkpoint step {run.step})")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,48 @@
+"""Loading a trained run for inference: config, tokenizer and (EMA) parameters from a workdir."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import ml_collections
+from flax import nnx
+
+from ecdit_jax.data.tokenizer import Tokenizer, load_tokenizer
+from ecdit_jax.model import ModelConfig
+from ecdit_jax.train.checkpoint import Checkpointer
+from ecdit_jax.train.input_pipeline import TOKENIZER_FILE, null_tokens
+from ecdit_jax.train.optimizer import make_optimizer
+from ecdit_jax.train.state import abstract_train_state
+
+
+@dataclasses.dataclass
+class TrainedRun:
+  config: ml_collections.ConfigDict
+  model_config: ModelConfig
+  graphdef: nnx.GraphDef
+  params: dict
+  step: int
+  tokenizer: Tokenizer
+  null_tokens: object
+
+
+def load_run(workdir: str, *, step: int | None = None, use_ema: bool = True) -> TrainedRun:
+  """The parameters of ``step`` (default: the latest checkpoint) of the run in ``workdir``."""
+  checkpointer = Checkpointer(workdir, async_save=False)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    model_config = ModelConfig.from_mapping(config.model)
+    graphdef, abstract = abstract_train_state(model_config, make_optimizer(config), config.seed)
+    state = checkpointer.restore(step, abstract)
+  finally:
+    checkpointer.close()
+  tokenizer = load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
+  return TrainedRun(config=config, model_config=model_config, graphdef=graphdef,
+                    params=state.ema_params if use_ema else state.params, step=step,
+                    tokenizer=tokenizer,
+                    null_tokens=null_tokens(tokenizer, model_config.text_max_len))
