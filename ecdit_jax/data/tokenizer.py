@@ -22,137 +22,137 @@ UNK_ID = 2
 
 
 class Tokenizer:
-    """A SentencePiece processor with fixed-length batch encoding; picklable for data workers."""
+  """A SentencePiece processor with fixed-length batch encoding; picklable for data workers."""
 
-    def __init__(self, model_proto: bytes):
-        self._model_proto = bytes(model_proto)
-        self._processor = spm.SentencePieceProcessor(model_proto=self._model_proto)
-        if self.pad_id < 0 or self.eos_id < 0:
-            raise ValueError("the SentencePiece model must define pad and eos pieces")
+  def __init__(self, model_proto: bytes):
+    self._model_proto = bytes(model_proto)
+    self._processor = spm.SentencePieceProcessor(model_proto=self._model_proto)
+    if self.pad_id < 0 or self.eos_id < 0:
+      raise ValueError("the SentencePiece model must define pad and eos pieces")
 
-    # Pickle the serialized model rather than the processor (a SWIG object), so that grain's
-    # worker processes can receive the tokenizer.
-    def __getstate__(self):
-        return {"model_proto": self._model_proto}
+  # Pickle the serialized model rather than the processor (a SWIG object), so that grain's
+  # worker processes can receive the tokenizer.
+  def __getstate__(self):
+    return {"model_proto": self._model_proto}
 
-    def __setstate__(self, state):
-        self.__init__(state["model_proto"])
+  def __setstate__(self, state):
+    self.__init__(state["model_proto"])
 
-    @property
-    def vocab_size(self) -> int:
-        return self._processor.get_piece_size()
+  @property
+  def vocab_size(self) -> int:
+    return self._processor.get_piece_size()
 
-    @property
-    def pad_id(self) -> int:
-        return self._processor.pad_id()
+  @property
+  def pad_id(self) -> int:
+    return self._processor.pad_id()
 
-    @property
-    def eos_id(self) -> int:
-        return self._processor.eos_id()
+  @property
+  def eos_id(self) -> int:
+    return self._processor.eos_id()
 
-    @property
-    def unk_id(self) -> int:
-        return self._processor.unk_id()
+  @property
+  def unk_id(self) -> int:
+    return self._processor.unk_id()
 
-    @property
-    def model_proto(self) -> bytes:
-        return self._model_proto
+  @property
+  def model_proto(self) -> bytes:
+    return self._model_proto
 
-    def encode(self, text: str) -> list[int]:
-        """Piece ids of ``text`` without eos or padding."""
-        return list(self._processor.encode(text))
+  def encode(self, text: str) -> list[int]:
+    """Piece ids of ``text`` without eos or padding."""
+    return list(self._processor.encode(text))
 
-    def encode_batch(self, texts: Sequence[str], max_len: int) -> np.ndarray:
-        """int32 (N, max_len): ids, then eos, then pad; too-long texts are cut before the eos."""
-        if max_len < 1:
-            raise ValueError(f"max_len must be at least 1 (room for eos), got {max_len}")
-        tokens = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
-        for row, ids in enumerate(self._processor.encode(list(texts))):
-            ids = list(ids[: max_len - 1]) + [self.eos_id]
-            tokens[row, : len(ids)] = ids
-        return tokens
+  def encode_batch(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+    """int32 (N, max_len): ids, then eos, then pad; too-long texts are cut before the eos."""
+    if max_len < 1:
+      raise ValueError(f"max_len must be at least 1 (room for eos), got {max_len}")
+    tokens = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
+    for row, ids in enumerate(self._processor.encode(list(texts))):
+      ids = list(ids[: max_len - 1]) + [self.eos_id]
+      tokens[row, : len(ids)] = ids
+    return tokens
 
-    def decode(self, ids) -> str:
-        """Text of a sequence of ids; stops at the first eos and ignores padding."""
-        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-        if self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
-        return self._processor.decode([i for i in ids if i != self.pad_id])
+  def decode(self, ids) -> str:
+    """Text of a sequence of ids; stops at the first eos and ignores padding."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    if self.eos_id in ids:
+      ids = ids[: ids.index(self.eos_id)]
+    return self._processor.decode([i for i in ids if i != self.pad_id])
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a ``.model`` file (e.g. T5's ``spiece.model`` or one written by ``train_tokenizer``)."""
-    with open(path, "rb") as f:
-        return Tokenizer(f.read())
+  """Loads a ``.model`` file (e.g. T5's ``spiece.model`` or one written by ``train_tokenizer``)."""
+  with open(path, "rb") as f:
+    return Tokenizer(f.read())
 
 
 def _write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    # Several processes may train the same model at once; readers must never see a partial file.
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_tokenizer_")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+  # Several processes may train the same model at once; readers must never see a partial file.
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_tokenizer_")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp_path, path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
 
 
 def train_tokenizer(
-    captions: Iterable[str], model_path: str | os.PathLike, vocab_size: int = 100
+  captions: Iterable[str], model_path: str | os.PathLike, vocab_size: int = 100
 ) -> Tokenizer:
-    """Trains a unigram model with T5's special ids on ``captions`` and writes it to ``model_path``.
+  """Trains a unigram model with T5's special ids on ``captions`` and writes it to ``model_path``.
 
-    ``vocab_size`` is an upper bound: a small caption corpus may not support that many pieces,
-    and the soft vocabulary limit lets training succeed with fewer.
-    """
-    sentences = [c for c in (str(c).strip() for c in captions) if c]
-    if not sentences:
-        raise ValueError("cannot train a tokenizer on an empty caption corpus")
-    # The unigram trainer seeds its vocabulary with repeated substrings that are followed by more
-    # than one distinct character. In templated captions most words are always followed by a
-    # space, so whole words would never be seeded and the model would spell them in fragments.
-    # Adding each distinct word once as its own sentence gives every word a second right context.
-    words = sorted({word for sentence in sentences for word in sentence.split()})
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences + words),
-        model_writer=model,
-        model_type="unigram",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        pad_id=PAD_ID,
-        eos_id=EOS_ID,
-        unk_id=UNK_ID,
-        bos_id=-1,
-        # One thread and no sampling so that the same captions always give the same model.
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        minloglevel=2,
-    )
-    _write_atomically(model_path, model.getvalue())
-    return Tokenizer(model.getvalue())
+  ``vocab_size`` is an upper bound: a small caption corpus may not support that many pieces,
+  and the soft vocabulary limit lets training succeed with fewer.
+  """
+  sentences = [c for c in (str(c).strip() for c in captions) if c]
+  if not sentences:
+    raise ValueError("cannot train a tokenizer on an empty caption corpus")
+  # The unigram trainer seeds its vocabulary with repeated substrings that are followed by more
+  # than one distinct character. In templated captions most words are always followed by a
+  # space, so whole words would never be seeded and the model would spell them in fragments.
+  # Adding each distinct word once as its own sentence gives every word a second right context.
+  words = sorted({word for sentence in sentences for word in sentence.split()})
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(sentences + words),
+    model_writer=model,
+    model_type="unigram",
+    vocab_size=vocab_size,
+    hard_vocab_limit=False,
+    character_coverage=1.0,
+    pad_id=PAD_ID,
+    eos_id=EOS_ID,
+    unk_id=UNK_ID,
+    bos_id=-1,
+    # One thread and no sampling so that the same captions always give the same model.
+    num_threads=1,
+    input_sentence_size=0,
+    shuffle_input_sentence=False,
+    minloglevel=2,
+  )
+  _write_atomically(model_path, model.getvalue())
+  return Tokenizer(model.getvalue())
 
 
 def get_or_train_tokenizer(
-    path_or_none: str | os.PathLike | None,
-    cache_path: str | os.PathLike,
-    captions_fn: Callable[[], Iterable[str]],
-    vocab_size: int = 100,
+  path_or_none: str | os.PathLike | None,
+  cache_path: str | os.PathLike,
+  captions_fn: Callable[[], Iterable[str]],
+  vocab_size: int = 100,
 ) -> Tokenizer:
-    """An existing model if ``path_or_none`` is given, else the cached or freshly trained one.
+  """An existing model if ``path_or_none`` is given, else the cached or freshly trained one.
 
-    ``captions_fn`` is called only when a model has to be trained.
-    """
-    if path_or_none:
-        if not os.path.exists(path_or_none):
-            raise FileNotFoundError(f"tokenizer model {path_or_none} does not exist")
-        return load_tokenizer(path_or_none)
-    if os.path.exists(cache_path):
-        return load_tokenizer(cache_path)
-    return train_tokenizer(captions_fn(), cache_path, vocab_size)
+  ``captions_fn`` is called only when a model has to be trained.
+  """
+  if path_or_none:
+    if not os.path.exists(path_or_none):
+      raise FileNotFoundError(f"tokenizer model {path_or_none} does not exist")
+    return load_tokenizer(path_or_none)
+  if os.path.exists(cache_path):
+    return load_tokenizer(cache_path)
+  return train_tokenizer(captions_fn(), cache_path, vocab_size)

@@ -13,9 +13,18 @@ import jax.numpy as jnp
 from ecdit_jax.diffusion.samplers import cfg_velocity_fn, sample
 
 
-def generate(model, tokens: jax.Array, null_tokens: jax.Array, noise: jax.Array, *,
-             num_steps: int, cfg_scale: float, method: str = "euler", shift: float = 1.0,
-             capacity_factor: float | None = None) -> jax.Array:
+def generate(
+  model,
+  tokens: jax.Array,
+  null_tokens: jax.Array,
+  noise: jax.Array,
+  *,
+  num_steps: int,
+  cfg_scale: float,
+  method: str = "euler",
+  shift: float = 1.0,
+  capacity_factor: float | None = None,
+) -> jax.Array:
   """Integrates the model's velocity from noise (t=1) to an image (t=0).
 
   Args:
@@ -32,12 +41,12 @@ def generate(model, tokens: jax.Array, null_tokens: jax.Array, noise: jax.Array,
 
   def model_fn(x, t, cond):
     ctx, ctx_lengths = cond
-    velocity, _ = model.dit(x, t, ctx, ctx_lengths, train=False,
-                            capacity_factor=capacity_factor)
+    velocity, _ = model.dit(x, t, ctx, ctx_lengths, train=False, capacity_factor=capacity_factor)
     return velocity
 
-  velocity_fn = cfg_velocity_fn(model_fn, (context, lengths), (null_context, null_lengths),
-                                cfg_scale)
+  velocity_fn = cfg_velocity_fn(
+    model_fn, (context, lengths), (null_context, null_lengths), cfg_scale
+  )
   return sample(velocity_fn, noise.astype(jnp.float32), num_steps, method=method, shift=shift)
 
 

@@ -22,80 +22,83 @@ import jax.numpy as jnp
 from ecdit_jax.model.layers import patchify, unpatchify
 
 __all__ = [
-    "num_kept_tokens",
-    "random_keep_indices",
-    "gather_tokens",
-    "keep_mask",
-    "scatter_tokens",
-    "patchify",
-    "unpatchify",
+  "num_kept_tokens",
+  "random_keep_indices",
+  "gather_tokens",
+  "keep_mask",
+  "scatter_tokens",
+  "patchify",
+  "unpatchify",
 ]
 
 
 def num_kept_tokens(num_tokens: int, mask_ratio: float) -> int:
-    """Number of tokens each image keeps: ``max(1, floor(num_tokens * (1 - mask_ratio)))``.
+  """Number of tokens each image keeps: ``max(1, floor(num_tokens * (1 - mask_ratio)))``.
 
-    ``mask_ratio`` is the fraction of tokens dropped and must satisfy
-    ``0 <= mask_ratio < 1``; ratio 0 keeps all tokens. Both arguments must be
-    static Python numbers because the result defines array shapes.
-    """
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral) or num_tokens < 1:
-        raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):
-        raise ValueError(f"mask_ratio must be a real number in [0, 1), got {mask_ratio!r}")
-    if not (0.0 <= mask_ratio < 1.0):  # also rejects NaN
-        raise ValueError(f"mask_ratio must satisfy 0 <= mask_ratio < 1, got {mask_ratio!r}")
-    # The small epsilon stops float error (e.g. 10 * (1 - 0.7) = 2.9999...)
-    # from flooring one token too few.
-    kept = math.floor(num_tokens * (1.0 - float(mask_ratio)) + 1e-9)
-    return int(min(num_tokens, max(1, kept)))
+  ``mask_ratio`` is the fraction of tokens dropped and must satisfy
+  ``0 <= mask_ratio < 1``; ratio 0 keeps all tokens. Both arguments must be
+  static Python numbers because the result defines array shapes.
+  """
+  if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral) or num_tokens < 1:
+    raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
+  if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):
+    raise ValueError(f"mask_ratio must be a real number in [0, 1), got {mask_ratio!r}")
+  if not (0.0 <= mask_ratio < 1.0):  # also rejects NaN
+    raise ValueError(f"mask_ratio must satisfy 0 <= mask_ratio < 1, got {mask_ratio!r}")
+  # The small epsilon stops float error (e.g. 10 * (1 - 0.7) = 2.9999...)
+  # from flooring one token too few.
+  kept = math.floor(num_tokens * (1.0 - float(mask_ratio)) + 1e-9)
+  return int(min(num_tokens, max(1, kept)))
 
 
 def random_keep_indices(rng, batch_size: int, num_tokens: int, mask_ratio: float) -> jax.Array:
-    """Uniformly random token subsets, one per image, as int32 ``(batch_size, K)``.
+  """Uniformly random token subsets, one per image, as int32 ``(batch_size, K)``.
 
-    ``K = num_kept_tokens(num_tokens, mask_ratio)``. Each row is a uniformly
-    random K-subset of ``range(num_tokens)`` drawn independently per image and
-    sorted ascending, so kept tokens stay in raster order (positional
-    embeddings and any locality in attention are preserved). With ratio 0 every
-    row is ``0, 1, ..., num_tokens - 1``.
-    """
-    num_keep = num_kept_tokens(num_tokens, mask_ratio)
-    if num_keep == num_tokens:
-        return jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch_size, num_tokens))
-    # The K largest of i.i.d. uniform scores form a uniformly random K-subset;
-    # top_k avoids a full sort of all N scores.
-    scores = jax.random.uniform(rng, (batch_size, num_tokens))
-    _, chosen = jax.lax.top_k(scores, num_keep)
-    return jnp.sort(chosen, axis=-1).astype(jnp.int32)
+  ``K = num_kept_tokens(num_tokens, mask_ratio)``. Each row is a uniformly
+  random K-subset of ``range(num_tokens)`` drawn independently per image and
+  sorted ascending, so kept tokens stay in raster order (positional
+  embeddings and any locality in attention are preserved). With ratio 0 every
+  row is ``0, 1, ..., num_tokens - 1``.
+  """
+  num_keep = num_kept_tokens(num_tokens, mask_ratio)
+  if num_keep == num_tokens:
+    return jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch_size, num_tokens))
+  # The K largest of i.i.d. uniform scores form a uniformly random K-subset;
+  # top_k avoids a full sort of all N scores.
+  scores = jax.random.uniform(rng, (batch_size, num_tokens))
+  _, chosen = jax.lax.top_k(scores, num_keep)
+  return jnp.sort(chosen, axis=-1).astype(jnp.int32)
 
 
 def gather_tokens(x: jax.Array, keep_idx: jax.Array) -> jax.Array:
-    """Selects kept tokens: ``x`` ``(B, N, ...)`` and ``keep_idx`` ``(B, K)`` give ``(B, K, ...)``.
+  """Selects kept tokens: ``x`` ``(B, N, ...)`` and ``keep_idx`` ``(B, K)`` give ``(B, K, ...)``.
 
-    ``out[b, k] = x[b, keep_idx[b, k]]``.
-    """
-    return jax.vmap(lambda row, idx: jnp.take(row, idx, axis=0))(x, keep_idx)
+  ``out[b, k] = x[b, keep_idx[b, k]]``.
+  """
+  return jax.vmap(lambda row, idx: jnp.take(row, idx, axis=0))(x, keep_idx)
 
 
 def keep_mask(keep_idx: jax.Array, num_tokens: int) -> jax.Array:
-    """Boolean ``(B, num_tokens)`` mask that is ``True`` at the kept token positions.
+  """Boolean ``(B, num_tokens)`` mask that is ``True`` at the kept token positions.
 
-    Useful as the ``weights`` of the flow-matching loss when the model emits
-    the full token sequence but only kept tokens should be supervised.
-    """
-    batch_index = jnp.arange(keep_idx.shape[0])[:, None]
-    return jnp.zeros((keep_idx.shape[0], num_tokens), dtype=bool).at[batch_index, keep_idx].set(True)
+  Useful as the ``weights`` of the flow-matching loss when the model emits
+  the full token sequence but only kept tokens should be supervised.
+  """
+  batch_index = jnp.arange(keep_idx.shape[0])[:, None]
+  return jnp.zeros((keep_idx.shape[0], num_tokens), dtype=bool).at[batch_index, keep_idx].set(True)
 
 
-def scatter_tokens(kept: jax.Array, keep_idx: jax.Array, num_tokens: int, fill_value=0) -> jax.Array:
-    """Inverse of :func:`gather_tokens`: places ``kept`` ``(B, K, ...)`` back into ``(B, N, ...)``.
+def scatter_tokens(
+  kept: jax.Array, keep_idx: jax.Array, num_tokens: int, fill_value=0
+) -> jax.Array:
+  """Inverse of :func:`gather_tokens`: places ``kept`` ``(B, K, ...)`` back into ``(B, N, ...)``.
 
-    Positions that were dropped are set to ``fill_value`` (a scalar, or an
-    array broadcastable to one token's trailing shape, e.g. a learned mask token).
-    """
-    batch_size = kept.shape[0]
-    full = jnp.broadcast_to(jnp.asarray(fill_value, dtype=kept.dtype),
-                            (batch_size, num_tokens) + kept.shape[2:])
-    batch_index = jnp.arange(batch_size)[:, None]
-    return full.at[batch_index, keep_idx].set(kept)
+  Positions that were dropped are set to ``fill_value`` (a scalar, or an
+  array broadcastable to one token's trailing shape, e.g. a learned mask token).
+  """
+  batch_size = kept.shape[0]
+  full = jnp.broadcast_to(
+    jnp.asarray(fill_value, dtype=kept.dtype), (batch_size, num_tokens) + kept.shape[2:]
+  )
+  batch_index = jnp.arange(batch_size)[:, None]
+  return full.at[batch_index, keep_idx].set(kept)

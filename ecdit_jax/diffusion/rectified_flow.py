@@ -19,113 +19,116 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "sample_timesteps",
-    "add_noise",
-    "velocity_target",
-    "flow_matching_loss",
-    "caption_drop_mask",
-    "drop_captions",
+  "sample_timesteps",
+  "add_noise",
+  "velocity_target",
+  "flow_matching_loss",
+  "caption_drop_mask",
+  "drop_captions",
 ]
 
 
-def sample_timesteps(rng, batch_size: int, *, loc: float = 0.0, scale: float = 1.0,
-                     dtype=jnp.float32) -> jax.Array:
-    """Draws ``(batch_size,)`` training times from a logit-normal distribution.
+def sample_timesteps(
+  rng, batch_size: int, *, loc: float = 0.0, scale: float = 1.0, dtype=jnp.float32
+) -> jax.Array:
+  """Draws ``(batch_size,)`` training times from a logit-normal distribution.
 
-    ``t = sigmoid(loc + scale * z)`` with ``z ~ N(0, 1)``, so ``logit(t)`` has
-    mean ``loc`` and standard deviation ``scale``. The logit-normal puts most
-    mass at intermediate noise levels, where the velocity is hardest to learn.
-    """
-    # Draw in float32 even for low-precision dtypes so the tails are not
-    # quantised before the sigmoid squashes them.
-    standard_normal = jax.random.normal(rng, (batch_size,), dtype=jnp.float32)
-    return jax.nn.sigmoid(loc + scale * standard_normal).astype(dtype)
+  ``t = sigmoid(loc + scale * z)`` with ``z ~ N(0, 1)``, so ``logit(t)`` has
+  mean ``loc`` and standard deviation ``scale``. The logit-normal puts most
+  mass at intermediate noise levels, where the velocity is hardest to learn.
+  """
+  # Draw in float32 even for low-precision dtypes so the tails are not
+  # quantised before the sigmoid squashes them.
+  standard_normal = jax.random.normal(rng, (batch_size,), dtype=jnp.float32)
+  return jax.nn.sigmoid(loc + scale * standard_normal).astype(dtype)
 
 
 def _broadcast_time(t, reference: jax.Array) -> jax.Array:
-    """Reshapes per-example times ``(B,)`` to ``(B, 1, ..., 1)`` to match ``reference``."""
-    t = jnp.asarray(t, dtype=reference.dtype)
-    if t.ndim == 0:
-        return t
-    return t.reshape(t.shape + (1,) * (reference.ndim - t.ndim))
+  """Reshapes per-example times ``(B,)`` to ``(B, 1, ..., 1)`` to match ``reference``."""
+  t = jnp.asarray(t, dtype=reference.dtype)
+  if t.ndim == 0:
+    return t
+  return t.reshape(t.shape + (1,) * (reference.ndim - t.ndim))
 
 
 def add_noise(x0: jax.Array, noise: jax.Array, t) -> jax.Array:
-    """Returns ``x_t = (1 - t) * x0 + t * noise``.
+  """Returns ``x_t = (1 - t) * x0 + t * noise``.
 
-    ``t`` is a scalar or a ``(B,)`` array broadcast over all non-batch axes of
-    ``x0``. The result has the dtype of ``x0``.
-    """
-    t = _broadcast_time(t, x0)
-    return (1 - t) * x0 + t * noise.astype(x0.dtype)
+  ``t`` is a scalar or a ``(B,)`` array broadcast over all non-batch axes of
+  ``x0``. The result has the dtype of ``x0``.
+  """
+  t = _broadcast_time(t, x0)
+  return (1 - t) * x0 + t * noise.astype(x0.dtype)
 
 
 def velocity_target(x0: jax.Array, noise: jax.Array) -> jax.Array:
-    """Returns the rectified-flow regression target ``v = noise - x0`` (= ``dx_t/dt``)."""
-    return noise.astype(x0.dtype) - x0
+  """Returns the rectified-flow regression target ``v = noise - x0`` (= ``dx_t/dt``)."""
+  return noise.astype(x0.dtype) - x0
 
 
 def flow_matching_loss(pred: jax.Array, target: jax.Array, weights=None) -> jax.Array:
-    """Mean squared error between predicted and target velocities, as a float32 scalar.
+  """Mean squared error between predicted and target velocities, as a float32 scalar.
 
-    Without ``weights`` this is the plain mean of ``(pred - target) ** 2`` over
-    every element.
+  Without ``weights`` this is the plain mean of ``(pred - target) ** 2`` over
+  every element.
 
-    With ``weights`` (e.g. a ``(B, N)`` or ``(B, N, 1)`` keep-mask over tokens
-    of a ``(B, N, D)`` prediction) the weights are aligned with the *leading*
-    axes of ``pred`` (trailing singleton axes are appended, then broadcast) and
+  With ``weights`` (e.g. a ``(B, N)`` or ``(B, N, 1)`` keep-mask over tokens
+  of a ``(B, N, D)`` prediction) the weights are aligned with the *leading*
+  axes of ``pred`` (trailing singleton axes are appended, then broadcast) and
 
-        loss = sum(w * (pred - target) ** 2) / sum(broadcast(w))
+      loss = sum(w * (pred - target) ** 2) / sum(broadcast(w))
 
-    where ``broadcast(w)`` is ``w`` expanded to the full shape of ``pred``. For
-    a 0/1 mask this is exactly the mean over the elements of the kept tokens
-    (each kept token contributes its ``D`` feature elements), and all-ones
-    weights reproduce the unweighted mean. If every weight is zero the loss is
-    0 rather than NaN.
-    """
-    squared_error = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
-    if weights is None:
-        return jnp.mean(squared_error)
-    weights = jnp.asarray(weights, dtype=jnp.float32)
-    if weights.ndim > squared_error.ndim:
-        raise ValueError(
-            f"weights has rank {weights.ndim} but pred has rank {squared_error.ndim}; "
-            "weights must align with the leading axes of pred")
-    # Align on leading axes (batch, token) rather than numpy's trailing-axis rule,
-    # so a (B, N) token mask applies to every feature of each token.
-    weights = weights.reshape(weights.shape + (1,) * (squared_error.ndim - weights.ndim))
-    weights = jnp.broadcast_to(weights, squared_error.shape)
-    total_weight = jnp.sum(weights)
-    weighted_sum = jnp.sum(weights * squared_error)
-    # The guard keeps an all-masked batch from producing NaN gradients.
-    return jnp.where(total_weight > 0, weighted_sum / jnp.maximum(total_weight, 1e-12), 0.0)
+  where ``broadcast(w)`` is ``w`` expanded to the full shape of ``pred``. For
+  a 0/1 mask this is exactly the mean over the elements of the kept tokens
+  (each kept token contributes its ``D`` feature elements), and all-ones
+  weights reproduce the unweighted mean. If every weight is zero the loss is
+  0 rather than NaN.
+  """
+  squared_error = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
+  if weights is None:
+    return jnp.mean(squared_error)
+  weights = jnp.asarray(weights, dtype=jnp.float32)
+  if weights.ndim > squared_error.ndim:
+    raise ValueError(
+      f"weights has rank {weights.ndim} but pred has rank {squared_error.ndim}; "
+      "weights must align with the leading axes of pred"
+    )
+  # Align on leading axes (batch, token) rather than numpy's trailing-axis rule,
+  # so a (B, N) token mask applies to every feature of each token.
+  weights = weights.reshape(weights.shape + (1,) * (squared_error.ndim - weights.ndim))
+  weights = jnp.broadcast_to(weights, squared_error.shape)
+  total_weight = jnp.sum(weights)
+  weighted_sum = jnp.sum(weights * squared_error)
+  # The guard keeps an all-masked batch from producing NaN gradients.
+  return jnp.where(total_weight > 0, weighted_sum / jnp.maximum(total_weight, 1e-12), 0.0)
 
 
 def caption_drop_mask(rng, batch_size: int, drop_prob: float) -> jax.Array:
-    """Boolean ``(batch_size,)`` mask: ``True`` where the caption is replaced by the null text.
+  """Boolean ``(batch_size,)`` mask: ``True`` where the caption is replaced by the null text.
 
-    Exposed separately so a caller can drop related per-caption arrays (e.g. an
-    attention mask) consistently by reusing the same ``rng``.
-    """
-    # bernoulli compares a [0, 1) uniform against drop_prob, so drop_prob = 0
-    # never drops and drop_prob = 1 always drops.
-    return jax.random.bernoulli(rng, drop_prob, (batch_size,))
+  Exposed separately so a caller can drop related per-caption arrays (e.g. an
+  attention mask) consistently by reusing the same ``rng``.
+  """
+  # bernoulli compares a [0, 1) uniform against drop_prob, so drop_prob = 0
+  # never drops and drop_prob = 1 always drops.
+  return jax.random.bernoulli(rng, drop_prob, (batch_size,))
 
 
 def drop_captions(rng, tokens: jax.Array, null_tokens: jax.Array, drop_prob: float) -> jax.Array:
-    """Classifier-free-guidance caption dropout.
+  """Classifier-free-guidance caption dropout.
 
-    Independently for each example, with probability ``drop_prob`` the whole
-    row ``tokens[b]`` is replaced by ``null_tokens`` (the encoding of the empty
-    caption); otherwise the row is returned unchanged.
+  Independently for each example, with probability ``drop_prob`` the whole
+  row ``tokens[b]`` is replaced by ``null_tokens`` (the encoding of the empty
+  caption); otherwise the row is returned unchanged.
 
-    ``tokens`` has shape ``(B, L, ...)`` (token ids ``(B, L)`` or text
-    embeddings ``(B, L, D)``) and ``null_tokens`` has shape ``tokens.shape[1:]``.
-    """
-    null_tokens = jnp.asarray(null_tokens, dtype=tokens.dtype)
-    if null_tokens.shape != tokens.shape[1:]:
-        raise ValueError(
-            f"null_tokens shape {null_tokens.shape} must equal tokens.shape[1:] = {tokens.shape[1:]}")
-    drop = caption_drop_mask(rng, tokens.shape[0], drop_prob)
-    drop = drop.reshape((tokens.shape[0],) + (1,) * (tokens.ndim - 1))
-    return jnp.where(drop, null_tokens[None], tokens)
+  ``tokens`` has shape ``(B, L, ...)`` (token ids ``(B, L)`` or text
+  embeddings ``(B, L, D)``) and ``null_tokens`` has shape ``tokens.shape[1:]``.
+  """
+  null_tokens = jnp.asarray(null_tokens, dtype=tokens.dtype)
+  if null_tokens.shape != tokens.shape[1:]:
+    raise ValueError(
+      f"null_tokens shape {null_tokens.shape} must equal tokens.shape[1:] = {tokens.shape[1:]}"
+    )
+  drop = caption_drop_mask(rng, tokens.shape[0], drop_prob)
+  drop = drop.reshape((tokens.shape[0],) + (1,) * (tokens.ndim - 1))
+  return jnp.where(drop, null_tokens[None], tokens)

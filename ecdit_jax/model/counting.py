@@ -60,3 +60,30 @@ def count_params(config: ModelConfig, model: TextToImageDiT | None = None) -> Pa
   share = experts_per_token(config) / config.num_experts if experts else 0.0
   return ParamCounts(total=text + backbone, text_encoder=text, backbone=backbone,
                      experts=experts, activated_per_token=backbone - experts + experts * share)
+
+
+# Table 1 of the paper (total parameters, billions), for comparison in docs/PRESETS.md.
+PAPER_TOTALS = {"XL-dense": 1.47, "XL-32E": 6.08, "XXL-dense": 2.35, "XXL-32E": 13.47,
+                "3XL-dense": 4.50, "3XL-32E": 32.15, "M-dense": 8.03, "M-64E": 97.21}
+
+
+def preset_table(names=None) -> str:
+  """A markdown table of every preset's size (latent input: 4 channels, patch 2, 256 tokens)."""
+  from ecdit_jax.model.presets import model_overrides, preset_names  # avoid a cycle at import
+  rows = ["| preset | d | layers | heads | experts | total (B) | backbone (B) | experts (B) | "
+          "activated/token (B) | paper total (B) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+  for name in names or preset_names():
+    config = ModelConfig(in_channels=4, **model_overrides(name))
+    c = count_params(config)
+    experts = config.num_experts if config.moe_layout != "none" else "-"
+    paper = PAPER_TOTALS.get(name)
+    rows.append(f"| {name} | {config.hidden_size} | {config.num_layers} | {config.num_heads} | "
+                f"{experts} | {c.total / 1e9:.3f} | {c.backbone / 1e9:.3f} | "
+                f"{c.experts / 1e9:.3f} | {c.activated_per_token / 1e9:.3f} | "
+                f"{'' if paper is None else f'{paper:.2f}'} |")
+  return "\n".join(rows)
+
+
+if __name__ == "__main__":
+  print(preset_table())

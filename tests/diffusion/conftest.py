@@ -20,28 +20,28 @@ import pytest
 
 
 class GaussianFlow:
-    """Closed-form quantities for x0 ~ N(mu, sigma^2 I)."""
+  """Closed-form quantities for x0 ~ N(mu, sigma^2 I)."""
 
-    def __init__(self, mu, sigma):
-        self.mu = jnp.asarray(mu, dtype=jnp.float32)
-        self.sigma = float(sigma)
+  def __init__(self, mu, sigma):
+    self.mu = jnp.asarray(mu, dtype=jnp.float32)
+    self.sigma = float(sigma)
 
-    def _gain(self, t):
-        variance = (1 - t) ** 2 * self.sigma**2 + t**2
-        return (t - (1 - t) * self.sigma**2) / variance
+  def _gain(self, t):
+    variance = (1 - t) ** 2 * self.sigma**2 + t**2
+    return (t - (1 - t) * self.sigma**2) / variance
 
-    def velocity(self, x, t):
-        t = t.reshape(t.shape + (1,) * (x.ndim - 1))
-        return -self.mu + self._gain(t) * (x - (1 - t) * self.mu)
+  def velocity(self, x, t):
+    t = t.reshape(t.shape + (1,) * (x.ndim - 1))
+    return -self.mu + self._gain(t) * (x - (1 - t) * self.mu)
 
-    def irreducible_loss(self, t):
-        return self.sigma**2 / ((1 - t) ** 2 * self.sigma**2 + t**2)
+  def irreducible_loss(self, t):
+    return self.sigma**2 / ((1 - t) ** 2 * self.sigma**2 + t**2)
 
-    def transport(self, noise):
-        """Where the exact ODE takes noise at t = 1 when integrated to t = 0."""
-        return self.mu + self.sigma * noise
+  def transport(self, noise):
+    """Where the exact ODE takes noise at t = 1 when integrated to t = 0."""
+    return self.mu + self.sigma * noise
 
 
 @pytest.fixture
 def gaussian_flow():
-    return GaussianFlow(mu=[1.5, -0.5, 0.0, 3.0], sigma=0.5)
+  return GaussianFlow(mu=[1.5, -0.5, 0.0, 3.0], sigma=0.5)
