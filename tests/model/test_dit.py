@@ -147,3 +147,22 @@ def test_text_encoder_rejects_too_long_text():
   encoder = TextEncoder(config, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="text_max_len"):
     encoder(jnp.ones((1, config.text_max_len + 1), jnp.int32))
+
+
+def test_every_parameter_carries_logical_axis_names():
+  from ecdit_jax.parallel import axes
+  config = tiny_config(moe_layout="every")
+  model = TextToImageDiT(config, rngs=nnx.Rngs(0))
+  specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+  params = nnx.state(model, nnx.Param)
+  names = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  arrays = jax.tree.leaves(params)
+  assert len(names) == len(arrays) > 0
+  for spec, array in zip(names, arrays):
+    assert len(spec) == array.ndim, (spec, array.shape)
+    assert all(n is None or n in axes.ALL_LOGICAL_AXES for n in spec), spec
+  # All expert weights are split along the expert axis first.
+  expert_specs = jax.tree.leaves(
+      nnx.get_partition_spec(nnx.state(model.dit.blocks[0].ffn.experts, nnx.Param)),
+      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert len(expert_specs) == 4 and all(s[0] == axes.EXPERT for s in expert_specs)

@@ -93,3 +93,29 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
   assert proc.returncode == 0, stderr[-3000:]
   steps = Checkpointer(workdir).all_steps()
   assert len(steps) == 1 and 1 <= steps[0] < 100000
+
+
+def test_kill_during_training_never_damages_saved_checkpoints(data_dir, tmp_path):
+  workdir = str(tmp_path / "killed")
+  args = ["ecdit_jax.main", "--config=configs/default.py", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--config.log_every_steps=1",
+          "--config.checkpoint_every_steps=1", "--config.keep_checkpoints=2", *TINY]
+  proc = subprocess.Popen([sys.executable, "-m", *args, "--config.num_train_steps=100000"],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  # Saves are asynchronous and happen every step, so a kill lands in or next to a save.
+  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 4):
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline, "training never logged"
+    time.sleep(0.2)
+  proc.kill()
+  proc.wait(timeout=60)
+  steps = Checkpointer(workdir).all_steps()
+  assert steps, "completed checkpoints survive the kill"
+  latest = steps[-1]
+  # Restarting resumes from the newest complete checkpoint and trains on.
+  result = run([*args, f"--config.num_train_steps={latest + 2}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resumed from step {latest}" in result.stdout
+  assert Checkpointer(workdir).all_steps()[-1] == latest + 2
