@@ -49,8 +49,3 @@ def generate(
   )
   return sample(velocity_fn, noise.astype(jnp.float32), num_steps, method=method, shift=shift)
 
-
-def per_image_noise(seed: int, indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Noise for images ``indices`` of a run: image i's noise depends only on (seed, i)."""
-  base = jax.random.key(seed)
-  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), shape))(indices)

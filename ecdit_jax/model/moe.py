@@ -166,8 +166,8 @@ def _to_groups(x: jax.Array, group_size: int) -> jax.Array:
   return x.reshape(b // group_size, group_size * s, d)
 
 
-class ExpertChoiceFFN(nnx.Module):
-  """The EC-DiT MoE layer: router + E experts, expert-choice top-C routing per group."""
+class _RoutedFFN(nnx.Module):
+  """Parameters shared by both routers: W_r and the E experts."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -176,6 +176,10 @@ class ExpertChoiceFFN(nnx.Module):
     self.experts = Experts(config.num_experts, config.hidden_size, config.mlp_hidden_size,
                            rngs=rngs, dtype=config.compute_dtype,
                            param_dtype=config.parameter_dtype)
+
+
+class ExpertChoiceFFN(_RoutedFFN):
+  """The EC-DiT MoE layer: router + E experts, expert-choice top-C routing per group."""
 
   def capacity(self, group_tokens: int, capacity_factor: float) -> int:
     capacity = expert_capacity(group_tokens, capacity_factor, self.config.num_experts)
@@ -204,16 +208,8 @@ class ExpertChoiceFFN(nnx.Module):
     return y, aux
 
 
-class TokenChoiceFFN(nnx.Module):
+class TokenChoiceFFN(_RoutedFFN):
   """The token-choice top-k baseline with capacity, dropping and the load-balancing loss."""
-
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    self.router = Router(config.hidden_size, config.num_experts, rngs=rngs,
-                         param_dtype=config.parameter_dtype)
-    self.experts = Experts(config.num_experts, config.hidden_size, config.mlp_hidden_size,
-                           rngs=rngs, dtype=config.compute_dtype,
-                           param_dtype=config.parameter_dtype)
 
   def capacity(self, group_tokens: int, capacity_factor: float) -> int:
     cfg = self.config

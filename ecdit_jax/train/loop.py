@@ -15,6 +15,7 @@ import threading
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from ecdit_jax.model import ConfigError, ModelConfig
 from ecdit_jax.train import input_pipeline
@@ -201,7 +202,6 @@ def _write_samples(sampler, state, prompt_tokens, null_tokens, config, workdir, 
   images = to_uint8(sampler(state.ema_params, prompt_tokens, null_tokens, config.seed))
   grid = sample_grid(images, list(config.sample.prompts))
   if jax.process_index() == 0:
-    from PIL import Image
     outdir = os.path.join(workdir, "samples")
     os.makedirs(outdir, exist_ok=True)
     Image.fromarray(grid).save(os.path.join(outdir, f"step_{step:07d}.png"))

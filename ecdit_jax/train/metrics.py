@@ -13,27 +13,6 @@ import numpy as np
 from absl import logging
 
 
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-  """{"moe": {"tokens_0_experts": [a, b]}} -> {"moe/tokens_0_experts/layer_1": a, ...}.
-
-  Per-layer vectors are named by the block index they come from when ``layer_names`` are given
-  by the caller through the key (see :func:`name_moe_layers`); scalars pass through.
-  """
-  flat = {}
-  for key, value in metrics.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      flat.update(flatten_metrics(value, prefix=f"{name}/"))
-      continue
-    array = np.asarray(value)
-    if array.ndim == 0:
-      flat[name] = float(array)
-    else:
-      for index, item in enumerate(array.reshape(-1)):
-        flat[f"{name}/{index}"] = float(item)
-  return flat
-
-
 def name_moe_layers(moe_metrics: Mapping[str, Any], layer_indices) -> dict[str, Any]:
   """Splits stacked per-MoE-layer statistics into "block_XX/stat" scalars."""
   named = {}

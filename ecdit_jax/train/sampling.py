@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from ecdit_jax.diffusion.generate import generate, per_image_noise
+from ecdit_jax.diffusion.generate import generate
 from ecdit_jax.model import ModelConfig
 
 
