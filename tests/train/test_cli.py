@@ -59,6 +59,18 @@ def test_train_then_sample(data_dir, tmp_path):
                 f"--outdir={alone}", "--steps=3", "--seed=1"])
   assert result.returncode == 0, result.stderr[-3000:]
   np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(alone, "00000.png"))), first)
+  # The GenEval-Shapes evaluation at two inference capacities.
+  result = run(["ecdit_jax.evaluate", f"--workdir={workdir}", "--num_per_category=2",
+                "--capacity_factors=1,2", "--steps=2"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| overall |" in result.stdout
+  [report] = os.listdir(os.path.join(workdir, "eval"))
+  with open(os.path.join(workdir, "eval", report)) as f:
+    results = json.load(f)["results"]
+  assert set(results) == {"1.0", "2.0"}
+  for summary in results.values():
+    assert set(summary["counts"].values()) == {2} and len(summary["counts"]) == 6
+    assert 0.0 <= summary["overall"] <= 1.0
   # Existing samples are never overwritten.
   result = run(["ecdit_jax.sample", f"--workdir={workdir}", f"--prompts={prompts}",
                 f"--outdir={alone}"])
