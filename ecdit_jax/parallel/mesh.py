@@ -1,0 +1,122 @@
+"""The device mesh and the logical-axis rules: the one place that maps model names to devices.
+
+Mesh axes:
+  data    pure data parallelism (parameters replicated)
+  fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
+  expert  expert parallelism: MoE weights split by expert (and the batch, outside MoE layers)
+  tensor  tensor parallelism over heads and the FFN hidden width
+
+Sizes come from ``config.mesh.{data,fsdp,expert,tensor}``; one of them may be -1 to take the
+remaining devices. Parameters carry logical names (``ecdit_jax.parallel.axes``); ``RULES`` maps
+each to a mesh axis. A dimension is left unsharded when its size does not divide evenly or when
+its mesh axis is already used by another dimension of the same array.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ecdit_jax.parallel import axes
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH = "batch"  # logical name of the batch dimension of activations and inputs
+
+RULES: tuple[tuple[str, Any], ...] = (
+    (BATCH, ("data", "fsdp", "expert")),
+    (axes.EMBED, "fsdp"),
+    (axes.TEXT_EMBED, "fsdp"),
+    (axes.MLP, "tensor"),
+    (axes.HEADS, "tensor"),
+    (axes.KV_HEADS, "tensor"),
+    (axes.VOCAB, "tensor"),
+    (axes.EXPERT, "expert"),
+    (axes.HEAD_DIM, None),
+)
+
+
+class MeshConfigError(ValueError):
+  """A mesh size that cannot work; the message names the key."""
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Resolves ``config.mesh`` sizes (at most one -1) against the number of devices."""
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise MeshConfigError(f"unknown mesh axes {', '.join(f'config.mesh.{k}' for k in unknown)}; "
+                          f"known: {MESH_AXES}")
+  shape = {name: int(sizes.get(name, 1)) for name in MESH_AXES}
+  fill = [name for name, size in shape.items() if size == -1]
+  for name, size in shape.items():
+    if size == 0 or size < -1:
+      raise MeshConfigError(f"config.mesh.{name}={size} must be a positive size or -1")
+  if len(fill) > 1:
+    raise MeshConfigError(f"only one mesh axis may be -1, got {', '.join(fill)}")
+  fixed = math.prod(size for size in shape.values() if size != -1)
+  if fill:
+    if num_devices % fixed:
+      raise MeshConfigError(f"config.mesh.{fill[0]}=-1: {num_devices} devices are not divisible "
+                            f"by the other axes' product {fixed}")
+    shape[fill[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise MeshConfigError(f"config.mesh sizes {shape} use {fixed} devices, but "
+                          f"{num_devices} are available")
+  return shape
+
+
+def create_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over ``devices`` (default: all) with the four named axes, in auto-sharding mode."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(sizes, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, axis_types=auto,
+                       devices=devices)
+
+
+def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=RULES) -> PartitionSpec:
+  """The PartitionSpec for an array of ``shape`` whose dimensions carry logical ``names``."""
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(names, shape):
+    target = table.get(name) if name is not None else None
+    candidates = () if target is None else (target if isinstance(target, tuple) else (target,))
+    chosen = []
+    for axis in candidates:
+      if axis in used or mesh.shape[axis] == 1:
+        continue
+      if size % (math.prod(mesh.shape[a] for a in chosen) * mesh.shape[axis]):
+        continue
+      chosen.append(axis)
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  return PartitionSpec(*spec)
+
+
+def tree_shardings(values: Any, logical_specs: Any, mesh: Mesh, rules=RULES) -> Any:
+  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) given their logical names.
+
+  ``logical_specs`` mirrors ``values`` with a PartitionSpec of logical names per leaf, as
+  ``nnx.get_partition_spec`` returns them.
+  """
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  spec_leaves = jax.tree.leaves(logical_specs, is_leaf=is_spec)
+  value_leaves, treedef = jax.tree.flatten(values)
+  if len(spec_leaves) != len(value_leaves):
+    raise ValueError(f"{len(spec_leaves)} specs for {len(value_leaves)} arrays")
+  shardings = [NamedSharding(mesh, logical_to_mesh(tuple(spec), np.shape(value), mesh, rules))
+               for spec, value in zip(spec_leaves, value_leaves)]
+  return jax.tree.unflatten(treedef, shardings)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=RULES) -> NamedSharding:
+  """Inputs are split along the batch over every data-like axis, the rest replicated."""
+  target = dict(rules)[BATCH]
+  data_axes = tuple(a for a in target if mesh.shape[a] > 1)
+  first = None if not data_axes else data_axes[0] if len(data_axes) == 1 else data_axes
+  return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))

@@ -1,0 +1,71 @@
+"""Mesh sizes, logical-axis rules, and sharded == unsharded for the model's forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from ecdit_jax.model import ModelConfig, TextToImageDiT
+from ecdit_jax.parallel import mesh as mesh_lib
+
+
+def test_mesh_shape_fills_one_axis_and_names_bad_keys():
+  assert mesh_lib.mesh_shape({"data": -1, "expert": 4}, 8) == dict(data=2, fsdp=1, expert=4,
+                                                                    tensor=1)
+  with pytest.raises(mesh_lib.MeshConfigError, match=r"config\.mesh\.fsdp=-1"):
+    mesh_lib.mesh_shape({"fsdp": -1, "expert": 3}, 8)
+  with pytest.raises(mesh_lib.MeshConfigError, match="use 4 devices"):
+    mesh_lib.mesh_shape({"data": 4}, 8)
+  with pytest.raises(mesh_lib.MeshConfigError, match=r"config\.mesh\.pipeline"):
+    mesh_lib.mesh_shape({"pipeline": 2}, 8)
+  with pytest.raises(mesh_lib.MeshConfigError, match="only one"):
+    mesh_lib.mesh_shape({"data": -1, "fsdp": -1}, 8)
+
+
+def test_rules_map_logical_names_to_mesh_axes():
+  mesh = mesh_lib.create_mesh({"expert": 2, "fsdp": 2, "tensor": 2})
+  assert mesh_lib.logical_to_mesh(("expert", "embed", "mlp"), (4, 8, 16), mesh) == P(
+      "expert", "fsdp", "tensor")
+  # A dimension that does not divide stays whole; so does a second use of one mesh axis.
+  assert mesh_lib.logical_to_mesh(("expert", "embed"), (3, 8), mesh) == P(None, "fsdp")
+  assert mesh_lib.logical_to_mesh(("embed", "text_embed"), (8, 8), mesh) == P("fsdp", None)
+  assert mesh_lib.batch_sharding(mesh, 4).spec == P(("fsdp", "expert"), None, None, None)
+
+
+@pytest.mark.parametrize("sizes", [{"data": 2, "fsdp": 2, "tensor": 2},
+                                   {"fsdp": 4, "expert": 2}, {"data": 8}])
+def test_sharded_forward_equals_unsharded(sizes):
+  config = ModelConfig(image_size=16, patch_size=4, hidden_size=32, num_layers=2, num_heads=4,
+                       num_kv_heads=2, num_experts=4, text_vocab_size=64, text_max_len=8,
+                       text_hidden_size=16, text_num_layers=1, text_num_heads=2,
+                       dtype="float32")
+  model = TextToImageDiT(config, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  # Perturb the zero-initialised weights so that every branch contributes.
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(
+      treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  k1, k2 = jax.random.split(jax.random.key(2))
+  x = jax.random.normal(k1, (8, 16, 16, 3))
+  t = jax.random.uniform(k2, (8,))
+  tokens = jnp.tile(jnp.array([[5, 6, 7, 1, 0, 0, 0, 0]]), (8, 1))
+
+  def forward(params, x, t, tokens):
+    return nnx.merge(graphdef, params)(x, t, tokens)[0]
+
+  expected = jax.jit(forward)(params, x, t, tokens)
+  mesh = mesh_lib.create_mesh(sizes)
+  shardings = mesh_lib.tree_shardings(params, nnx.get_partition_spec(nnx.state(model, nnx.Param)),
+                                      mesh)
+  sharded_params = jax.device_put(params, shardings)
+  data = mesh_lib.batch_sharding(mesh, 4)
+  inputs = [jax.device_put(a, mesh_lib.batch_sharding(mesh, a.ndim)) for a in (x, t, tokens)]
+  got = jax.jit(forward, out_shardings=data)(sharded_params, *inputs)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  if sizes.get("fsdp", 1) > 1:  # parameters really are split across devices
+    w_in = sharded_params["dit"]["blocks"][1]["ffn"]["experts"]["w_in"]
+    w_in = jax.tree.leaves(w_in)[0]
+    assert w_in.addressable_shards[0].data.size < w_in.size
