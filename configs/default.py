@@ -69,6 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
       unmasked_final_steps=0,  # last steps trained without masking
   ))
 
+  # Device mesh (ecdit_jax/parallel/mesh.py): devices per axis within a slice, -1 = the rest;
+  # dcn_* = TPU slices (or GPU hosts) along an axis. The batch is split over data x fsdp x expert.
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1))
+
   # Optimisation (keys follow the flax examples).
   config.batch_size = 32  # global batch; split over devices and accumulation steps
   config.grad_accum_steps = 1

@@ -20,6 +20,7 @@ from flax import nnx
 
 from ecdit_jax.model.config import ModelConfig, expert_capacity
 from ecdit_jax.parallel import axes
+from ecdit_jax.parallel.mesh import current_mesh
 
 
 class Experts(nnx.Module):
@@ -40,13 +41,27 @@ class Experts(nnx.Module):
         rngs.params(), (e, d), param_dtype))
     self.dtype = dtype
 
+  def weights(self) -> tuple[jax.Array, ...]:
+    return self.w_in[...], self.b_in[...], self.w_out[...], self.b_out[...]
+
   def __call__(self, x: jax.Array) -> jax.Array:
     """x (..., E, C, d) -> (..., E, C, d): expert e applied to its C tokens."""
-    dt = self.dtype
-    h = jnp.einsum("...ecd,edh->...ech", x.astype(dt), self.w_in[...].astype(dt))
-    h = nnx.gelu(h + self.b_in[...].astype(dt)[:, None, :], approximate=True)
-    y = jnp.einsum("...ech,ehd->...ecd", h, self.w_out[...].astype(dt))
-    return y + self.b_out[...].astype(dt)[:, None, :]
+    return apply_experts(x, *self.weights(), dtype=self.dtype)
+
+
+def apply_experts(x: jax.Array, w_in: jax.Array, b_in: jax.Array, w_out: jax.Array,
+                  b_out: jax.Array, *, dtype, tensor_axis: str | None = None) -> jax.Array:
+  """The stacked expert FFNs as two batched einsums: x (..., E, C, d) -> (..., E, C, d).
+
+  ``tensor_axis``: inside ``shard_map`` with the hidden width split over that mesh axis, the
+  partial output projections are summed across it before the output bias.
+  """
+  h = jnp.einsum("...ecd,edh->...ech", x.astype(dtype), w_in.astype(dtype))
+  h = nnx.gelu(h + b_in.astype(dtype)[:, None, :], approximate=True)
+  y = jnp.einsum("...ech,ehd->...ecd", h, w_out.astype(dtype))
+  if tensor_axis is not None:
+    y = jax.lax.psum(y, tensor_axis)
+  return y + b_out.astype(dtype)[:, None, :]
 
 
 class Router(nnx.Module):
@@ -156,9 +171,24 @@ def load_balance_loss(scores: jax.Array, expert: jax.Array) -> jax.Array:
   return jnp.mean(num_experts * jnp.sum(fraction * probability, axis=-1))
 
 
+def route_groups(groups: jax.Array, router_kernel: jax.Array, capacity: int):
+  """(G, N, d) tokens -> float32 logits (G, N, E), gates and token indices (G, E, C)."""
+  logits = jnp.einsum("gnd,de->gne", groups.astype(jnp.float32),
+                      router_kernel.astype(jnp.float32))
+  gates, token_index = expert_choice_route(logits, capacity)
+  return logits, gates, token_index
+
+
+def combine(expert_out: jax.Array, gates: jax.Array, token_index: jax.Array,
+            num_tokens: int) -> jax.Array:
+  """Gate-weighted expert outputs (G, E, C, d) summed back onto their tokens: (G, N, d) f32."""
+  weighted = expert_out.astype(jnp.float32) * gates[..., None]
+  return scatter_add_tokens(weighted, token_index, num_tokens)
+
+
 # --- Modules ------------------------------------------------------------------------------------
 
-def _to_groups(x: jax.Array, group_size: int) -> jax.Array:
+def to_groups(x: jax.Array, group_size: int) -> jax.Array:
   b, s, d = x.shape
   if b % group_size:
     raise ValueError(f"the batch of {b} images is not divisible by "
@@ -194,15 +224,23 @@ class ExpertChoiceFFN(_RoutedFFN):
     if capacity_factor is None:
       capacity_factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
     b, s, d = x.shape
-    groups = _to_groups(x, cfg.routing_group_size)
-    n = groups.shape[1]
-    logits = self.router(groups)
-    gates, token_index = expert_choice_route(logits, self.capacity(n, capacity_factor))
-    expert_out = self.experts(gather_tokens(groups, token_index))
-    weighted = expert_out.astype(jnp.float32) * gates[..., None]
-    y = scatter_add_tokens(weighted, token_index, n).astype(x.dtype).reshape(b, s, d)
+    capacity = self.capacity(cfg.routing_group_size * s, capacity_factor)
+    mesh = current_mesh()
+    if mesh is not None and mesh.shape["expert"] > 1:
+      # Expert parallelism: route locally, exchange per-expert buffers with all_to_all.
+      from ecdit_jax.model import expert_parallel  # pylint: disable=import-outside-toplevel
+      y, logits, counts = expert_parallel.expert_choice_ffn(
+          x, self.router.kernel[...], self.experts.weights(), mesh=mesh, capacity=capacity,
+          group_size=cfg.routing_group_size, dtype=cfg.compute_dtype)
+    else:
+      groups = to_groups(x, cfg.routing_group_size)
+      logits, gates, token_index = route_groups(groups, self.router.kernel[...], capacity)
+      expert_out = self.experts(gather_tokens(groups, token_index))
+      y = combine(expert_out, gates, token_index, groups.shape[1]).astype(x.dtype)
+      y = y.reshape(b, s, d)
+      counts = experts_per_token(token_index, groups.shape[1])
     z_loss = router_z_loss(logits)
-    aux = routing_stats(experts_per_token(token_index, n))
+    aux = routing_stats(counts)
     aux.update(router_z_loss=z_loss, load_balance_loss=jnp.zeros((), jnp.float32),
                aux_loss=cfg.router_z_loss_weight * z_loss)
     return y, aux
@@ -223,7 +261,7 @@ class TokenChoiceFFN(_RoutedFFN):
     if capacity_factor is None:
       capacity_factor = cfg.token_choice_capacity_factor
     b, s, d = x.shape
-    groups = _to_groups(x, cfg.routing_group_size)
+    groups = to_groups(x, cfg.routing_group_size)
     n = groups.shape[1]
     logits = self.router(groups)
     route = token_choice_route(logits, cfg.token_choice_top_k, self.capacity(n, capacity_factor))

@@ -6,8 +6,10 @@ Mesh axes:
   expert  expert parallelism: MoE weights split by expert (and the batch, outside MoE layers)
   tensor  tensor parallelism over heads and the FFN hidden width
 
-Sizes come from ``config.mesh.{data,fsdp,expert,tensor}``; one of them may be -1 to take the
-remaining devices. Parameters carry logical names (``ecdit_jax.parallel.axes``); ``RULES`` maps
+Sizes come from ``config.mesh.{data,fsdp,expert,tensor}`` (within a slice); one of them may be -1
+to take the remaining devices. Multi-slice TPU jobs add ``config.mesh.dcn_{data,fsdp,expert}``:
+the number of slices along each axis, joined over the data-center network, so that only the
+cheap collectives (data-parallel gradient reduction) cross slices. Parameters carry logical names (``ecdit_jax.parallel.axes``); ``RULES`` maps
 each to a mesh axis. A dimension is left unsharded when its size does not divide evenly or when
 its mesh axis is already used by another dimension of the same array.
 """
@@ -68,13 +70,64 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
   return shape
 
 
+DCN_PREFIX = "dcn_"
+
+
+def split_dcn(sizes: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+  """``config.mesh`` -> (per-slice sizes, slice counts) keyed by mesh axis."""
+  ici = {k: v for k, v in sizes.items() if not k.startswith(DCN_PREFIX)}
+  dcn = {k[len(DCN_PREFIX):]: int(v) for k, v in sizes.items() if k.startswith(DCN_PREFIX)}
+  unknown = sorted(set(dcn) - set(MESH_AXES))
+  if unknown:
+    raise MeshConfigError(f"unknown mesh axes {', '.join(f'config.mesh.dcn_{k}' for k in unknown)}")
+  for name, size in dcn.items():
+    if size < 1:
+      raise MeshConfigError(f"config.mesh.dcn_{name}={size} must be a positive number of slices")
+  return ici, {name: dcn.get(name, 1) for name in MESH_AXES}
+
+
 def create_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh over ``devices`` (default: all) with the four named axes, in auto-sharding mode."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(sizes, len(devices))
+  ici, dcn = split_dcn(sizes)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, axis_types=auto,
-                       devices=devices)
+  num_slices = math.prod(dcn.values())
+  if num_slices == 1:
+    shape = mesh_shape(ici, len(devices))
+    return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, axis_types=auto,
+                         devices=devices)
+  if len(devices) % num_slices:
+    raise MeshConfigError(f"config.mesh.dcn_* ask for {num_slices} slices, which does not "
+                          f"divide the {len(devices)} devices")
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+  shape = mesh_shape(ici, len(devices) // num_slices)
+  # Slices are TPU slices where devices know them; otherwise (GPU hosts) processes.
+  by_process = not hasattr(devices[0], "slice_index")
+  array = mesh_utils.create_hybrid_device_mesh(
+      [shape[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices,
+      process_is_granule=by_process)
+  return Mesh(array, MESH_AXES, axis_types=auto)
+
+
+def current_mesh() -> jax.sharding.AbstractMesh | None:
+  """The mesh set with ``jax.set_mesh`` around the running trace, or None outside one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return None
+  return mesh
+
+
+def batch_axes(mesh, batch_size: int | None = None, rules=RULES) -> tuple[str, ...]:
+  """The mesh axes that split a batch: the data-like axes of size > 1 (that divide it)."""
+  chosen: list[str] = []
+  for axis in dict(rules)[BATCH]:
+    size = mesh.shape[axis]
+    if size == 1:
+      continue
+    if batch_size is not None and batch_size % (math.prod(mesh.shape[a] for a in chosen) * size):
+      continue
+    chosen.append(axis)
+  return tuple(chosen)
 
 
 def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
@@ -116,7 +169,6 @@ def tree_shardings(values: Any, logical_specs: Any, mesh: Mesh, rules=RULES) -> 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=RULES) -> NamedSharding:
   """Inputs are split along the batch over every data-like axis, the rest replicated."""
-  target = dict(rules)[BATCH]
-  data_axes = tuple(a for a in target if mesh.shape[a] > 1)
+  data_axes = batch_axes(mesh, rules=rules)
   first = None if not data_axes else data_axes[0] if len(data_axes) == 1 else data_axes
   return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import grain
+from etils import epath
 import orbax.checkpoint as ocp
 
 from ecdit_jax.model import ConfigError
@@ -22,7 +23,9 @@ from ecdit_jax.model import ConfigError
 class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    # Local paths are made absolute (Orbax requires it); gs:// and other URLs stay as they are.
+    root = workdir if "://" in str(workdir) else os.path.abspath(workdir)
+    self.directory = epath.Path(root) / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(

@@ -8,6 +8,7 @@ exactly where it stopped. SIGTERM (e.g. a preempted TPU VM) saves a checkpoint a
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -15,15 +16,18 @@ import threading
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from ecdit_jax.model import ConfigError, ModelConfig
+from ecdit_jax.parallel import mesh as mesh_lib
+from ecdit_jax.train import sharding
 from ecdit_jax.train import input_pipeline
 from ecdit_jax.train.checkpoint import Checkpointer, check_same_model
 from ecdit_jax.train.metrics import MetricWriter, Progress, log_line, name_moe_layers
 from ecdit_jax.train.optimizer import make_optimizer
 from ecdit_jax.train.sampling import make_sampler, sample_grid, to_uint8
-from ecdit_jax.train.state import TrainState, abstract_train_state, create_train_state
+from ecdit_jax.train.state import TrainState, abstract_train_state
 from ecdit_jax.train.step import make_train_step
 
 
@@ -63,7 +67,16 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
         f"config.diffusion.timestep_scale={config.diffusion.timestep_scale} must be > 0")
   check(config.sample.method in ("euler", "heun"),
         f"config.sample.method={config.sample.method!r} must be 'euler' or 'heun'")
-  return model_config
+  mesh = mesh_lib.create_mesh(config.mesh)
+  n_expert = mesh.shape["expert"]
+  check(model_config.moe_layout == "none" or model_config.num_experts % n_expert == 0,
+        f"config.model.num_experts={model_config.num_experts} must be divisible by "
+        f"config.mesh.expert={n_expert}")
+  shards = math.prod(mesh.shape[a] for a in mesh_lib.batch_axes(mesh))
+  check(config.batch_size % (shards * config.grad_accum_steps) == 0,
+        f"config.batch_size={config.batch_size} must be divisible by config.grad_accum_steps="
+        f"{config.grad_accum_steps} x the {shards} batch shards of the mesh (config.mesh)")
+  return model_config, mesh
 
 
 class _StopRequest:
@@ -91,24 +104,27 @@ def config_as_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _restore_or_init(config, model_config, optimizer, checkpointer, iterator, workdir):
+def _restore_or_init(config, model_config, optimizer, checkpointer, iterator, workdir, mesh):
+  """The train state laid out on the mesh: initialised in place, or restored sharded."""
   latest = checkpointer.latest_step()
   if latest is None:
-    graphdef, state = create_train_state(model_config, optimizer, config.seed)
+    graphdef, state, shardings = sharding.init_train_state(model_config, optimizer, config.seed,
+                                                           mesh)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_as_dict(config), f, indent=2)
-    return graphdef, state
+      (epath.Path(workdir) / "config.json").write_text(json.dumps(config_as_dict(config),
+                                                                  indent=2))
+    return graphdef, state, shardings
   check_same_model(checkpointer.restore_config(latest), config_as_dict(config))
   graphdef, abstract = abstract_train_state(model_config, optimizer, config.seed)
-  state = checkpointer.restore(latest, abstract, iterator)
+  shardings = sharding.state_shardings(abstract, model_config, mesh)
+  state = checkpointer.restore(latest, sharding.with_shardings(abstract, shardings), iterator)
   log_line(f"resumed from step {latest} in {checkpointer.directory}")
-  return graphdef, state
+  return graphdef, state, shardings
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  model_config = validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  model_config, mesh = validate_config(config)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   source = input_pipeline.data_source(config, "train")
   tokenizer = input_pipeline.tokenizer_for(config, workdir, source)
   input_pipeline.check_tokenizer_fits(tokenizer, model_config)
@@ -117,23 +133,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   optimizer = make_optimizer(config)
   checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   try:
-    graphdef, state = _restore_or_init(config, model_config, optimizer, checkpointer, iterator,
-                                       workdir)
-    return _train(config, model_config, workdir, graphdef, state, optimizer, iterator,
-                  checkpointer, tokenizer, null_tokens)
+    graphdef, state, shardings = _restore_or_init(config, model_config, optimizer,
+                                                  checkpointer, iterator, workdir, mesh)
+    with jax.set_mesh(mesh):
+      return _train(config, model_config, workdir, graphdef, state, shardings, mesh, optimizer,
+                    iterator, checkpointer, tokenizer, null_tokens)
   finally:
     checkpointer.close()  # waits for an async save: a finished run leaves complete checkpoints
 
 
-def _train(config, model_config, workdir, graphdef, state, optimizer, iterator, checkpointer,
-           tokenizer, null_tokens) -> TrainState:
+def _train(config, model_config, workdir, graphdef, state, shardings, mesh, optimizer, iterator,
+           checkpointer, tokenizer, null_tokens) -> TrainState:
   start, total = int(state.step), config.num_train_steps
   if start >= total:
     log_line(f"step {start} >= config.num_train_steps={total}: nothing to train")
     return state
-  steps = {masked: jax.jit(make_train_step(graphdef, model_config, config, optimizer,
-                                           null_tokens, masked=masked), donate_argnums=0)
-           for masked in {False, config.diffusion.mask_ratio > 0}}
+  steps = {masked: sharding.jit_train_step(
+      make_train_step(graphdef, model_config, config, optimizer, null_tokens, masked=masked),
+      shardings, mesh) for masked in {False, config.diffusion.mask_ratio > 0}}
   unmasked_from = total - config.diffusion.unmasked_final_steps
   sampler = None
   if config.sample_every_steps:
@@ -163,7 +180,7 @@ def _train(config, model_config, workdir, graphdef, state, optimizer, iterator, 
       batch = next(iterator)
       skipped_records += int(batch.pop("num_skipped"))
       masked = config.diffusion.mask_ratio > 0 and step < unmasked_from
-      state, metrics = steps[masked](state, batch)
+      state, metrics = steps[masked](state, sharding.global_batch(batch, mesh))
       if pending is not None:
         check(*pending)
       pending, done = (step + 1, metrics), step + 1

@@ -84,7 +84,10 @@ def make_train_step(graphdef: nnx.GraphDef, model_config: ModelConfig,
     if batch_size % accum:
       raise ValueError(f"batch of {batch_size} is not divisible by "
                        f"config.grad_accum_steps={accum}")
-    micro = jax.tree.map(lambda x: x.reshape(accum, batch_size // accum, *x.shape[1:]), batch)
+    # Micro-batch i takes rows i, i + accum, ...: with the batch split over devices, every
+    # device then holds an equal share of every micro-batch and nothing moves between them.
+    micro = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(batch_size // accum, accum, *x.shape[1:]), 0, 1), batch)
 
     def accumulate(grad_sum, inputs):
       index, micro_batch = inputs

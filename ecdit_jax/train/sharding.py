@@ -1,0 +1,95 @@
+"""Named shardings of the train state and the batch on a mesh, and process-local -> global arrays.
+
+Parameters are sharded by their logical names through ``ecdit_jax.parallel.mesh.RULES``; the EMA
+copy follows the parameters; every optimizer-state leaf that mirrors a parameter (RMSProp's
+second moment, the momentum trace) takes that parameter's sharding, other leaves (counts) are
+replicated. So FSDP shards parameters, EMA and optimizer state alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ecdit_jax.model import ModelConfig
+from ecdit_jax.parallel import mesh as mesh_lib
+from ecdit_jax.train.state import (TrainState, abstract_train_state, build_model,
+                                   create_train_state, to_pure_dict)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def param_shardings(model_config: ModelConfig, mesh: Mesh) -> Any:
+  """Shardings of the parameter dict, from the names the model gives its parameters."""
+  abstract = nnx.eval_shape(lambda: build_model(model_config, 0))
+  state = nnx.state(abstract, nnx.Param)
+  shapes = to_pure_dict(state)
+  specs = to_pure_dict(nnx.get_partition_spec(state))
+  return mesh_lib.tree_shardings(shapes, specs, mesh)
+
+
+def _path_key(path) -> tuple:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def state_shardings(abstract_state: TrainState, model_config: ModelConfig, mesh: Mesh):
+  """A TrainState of NamedShardings matching ``abstract_state``."""
+  params = param_shardings(model_config, mesh)
+  by_path = {_path_key(path): (sharding, leaf.shape) for (path, sharding), leaf in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract_state.params))}
+  longest = max(len(k) for k in by_path)
+
+  def for_opt_leaf(path, leaf):
+    key = _path_key(path)
+    # An optimizer leaf mirroring a parameter ends with that parameter's path.
+    for length in range(min(longest, len(key)), 0, -1):
+      match = by_path.get(key[-length:])
+      if match is not None and match[1] == leaf.shape:
+        return match[0]
+    return replicated(mesh)
+
+  opt = jax.tree_util.tree_map_with_path(for_opt_leaf, abstract_state.opt_state)
+  return TrainState(step=replicated(mesh), params=params, ema_params=params, opt_state=opt,
+                    rng=replicated(mesh))
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying shardings: the target layout of a restore."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def batch_shardings(batch: dict[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+  return {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays split over the batch axes (rows in process order)."""
+  return {k: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, v.ndim), v)
+          for k, v in local_batch.items()}
+
+
+def init_train_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh):
+  """(graphdef, state, state shardings): the state initialised under jit straight into its
+  shards, so no device ever holds the whole model."""
+  graphdef, abstract = abstract_train_state(model_config, optimizer, seed)
+  shardings = state_shardings(abstract, model_config, mesh)
+  init = jax.jit(lambda: create_train_state(model_config, optimizer, seed)[1],
+                 out_shardings=shardings)
+  with jax.set_mesh(mesh):
+    state = init()
+  return graphdef, state, shardings
+
+
+def jit_train_step(train_step, shardings: TrainState, mesh: Mesh):
+  """The step jitted with the state's shardings in and out and the batch split over the batch
+  axes; call it inside ``jax.set_mesh(mesh)`` so MoE layers see the expert axis."""
+  batch = {"image": mesh_lib.batch_sharding(mesh, 4), "tokens": mesh_lib.batch_sharding(mesh, 2)}
+  return jax.jit(train_step, in_shardings=(shardings, batch),
+                 out_shardings=(shardings, replicated(mesh)), donate_argnums=0)

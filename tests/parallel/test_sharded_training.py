@@ -1,0 +1,146 @@
+"""Data, FSDP and expert parallelism give the single-device numbers: the forward output, the
+gradients and three training steps, on meshes of 8 simulated CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ecdit_jax.model import ModelConfig
+from ecdit_jax.parallel import mesh as mesh_lib
+from ecdit_jax.train import sharding
+from ecdit_jax.train.optimizer import make_optimizer
+from ecdit_jax.train.state import create_train_state
+from ecdit_jax.train.step import make_loss_fn, make_train_step
+
+from tests.train.train_testing import tiny_train_config
+
+MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 4},
+          {"data": 2, "fsdp": 2, "expert": 2}]
+
+
+def _config(**overrides):
+  config = tiny_train_config("", **overrides)
+  config.model.update(image_size=16, num_experts=4, routing_group_size=2)
+  return config
+
+
+def _batches(model_config, count, size=8):
+  rng = np.random.default_rng(0)
+  return [{"image": rng.uniform(-1, 1, (size, 16, 16, 3)).astype(np.float32),
+           "tokens": rng.integers(3, 40, (size, model_config.text_max_len)).astype(np.int32)}
+          for _ in range(count)]
+
+
+def _null(model_config):
+  null = np.zeros(model_config.text_max_len, np.int32)
+  null[0] = 1
+  return null
+
+
+def _perturbed(params):
+  """Zero-initialised branches (adaLN-Zero, cross-attention out) made live for the check."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree.unflatten(
+      treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def _run(config, mesh, batches):
+  """Gradients at the first batch and the losses/params of three steps, on ``mesh`` or on one
+  device when ``mesh`` is None."""
+  model_config = ModelConfig.from_mapping(config.model)
+  optimizer = make_optimizer(config)
+  null = _null(model_config)
+  if mesh is None:
+    graphdef, state = create_train_state(model_config, optimizer, config.seed)
+    shardings = None
+  else:
+    graphdef, state, shardings = sharding.init_train_state(model_config, optimizer, config.seed,
+                                                           mesh)
+  state = state.replace(params=_perturbed(state.params))
+  loss_fn = make_loss_fn(graphdef, model_config, config, null, masked=True)
+  grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
+  step_fn = make_train_step(graphdef, model_config, config, optimizer, null, masked=True)
+  if mesh is None:
+    step = jax.jit(step_fn)
+    grads, (_, aux) = grad_fn(state.params, batches[0], jax.random.key(7))
+    losses = []
+    for batch in batches:
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+    return grads, aux, losses, state
+  step = sharding.jit_train_step(step_fn, shardings, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.device_put(state, shardings)
+    first = sharding.global_batch(batches[0], mesh)
+    grads, (_, aux) = grad_fn(state.params, first, jax.random.key(7))
+    program = str(jax.make_jaxpr(loss_fn)(state.params, first, jax.random.key(7)))
+    # Experts really run distributed: tokens travel to their experts' devices and back.
+    assert (program.count("all_to_all") == 2) == (mesh.shape["expert"] > 1)
+    losses = []
+    for batch in batches:
+      state, metrics = step(state, sharding.global_batch(batch, mesh))
+      losses.append(float(metrics["loss"]))
+  return grads, aux, losses, state
+
+
+@pytest.fixture(scope="module")
+def reference():
+  config = _config(**{"diffusion.mask_ratio": 0.5, "grad_accum_steps": 2})
+  batches = _batches(ModelConfig.from_mapping(config.model), 3)
+  return config, batches, _run(config, None, batches)
+
+
+@pytest.mark.parametrize("sizes", MESHES, ids=lambda s: "x".join(f"{k}{v}" for k, v in s.items()))
+def test_sharded_training_equals_single_device(sizes, reference):
+  config, batches, (grads0, aux0, losses0, state0) = reference
+  mesh = mesh_lib.create_mesh(sizes)
+  grads, aux, losses, state = _run(config, mesh, batches)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
+  # Routing decisions are identical: the same number of experts took every token.
+  np.testing.assert_array_equal(aux["moe"]["experts_per_token"], aux0["moe"]["experts_per_token"])
+  np.testing.assert_allclose(losses, losses0, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # The layout is the one asked for: experts split over `expert`, FSDP splits the width.
+  w_in = state.params["dit"]["blocks"][1]["ffn"]["experts"]["w_in"]
+  spec = w_in.sharding.spec
+  assert (spec[0] == "expert") == (sizes.get("expert", 1) > 1)
+  assert (spec[1] == "fsdp") == (sizes.get("fsdp", 1) > 1)
+  nu = jax.tree.leaves(state.opt_state)  # optimizer moments follow their parameters
+  assert any(leaf.shape == w_in.shape and leaf.sharding.spec == spec for leaf in nu)
+
+
+def test_expert_parallel_layer_pads_groups_that_do_not_divide():
+  """6 images in groups of 2 = 3 groups over 4 batch shards: dummy groups are added and
+  dropped, and the result is still the single-device one."""
+  config = _config()
+  model_config = ModelConfig.from_mapping(config.model)
+  graphdef, state = create_train_state(model_config, make_optimizer(config), 0)
+  params = _perturbed(state.params)
+  x = jax.random.normal(jax.random.key(3), (6, 16, 16, 3))
+  t = jax.random.uniform(jax.random.key(4), (6,))
+  tokens = jnp.tile(jnp.array([[5, 6, 7, 1] + [0] * 8]), (6, 1))
+
+  def forward(params, x, t, tokens):
+    return nnx.merge(graphdef, params)(x, t, tokens, train=False)[0]
+
+  expected = jax.jit(forward)(params, x, t, tokens)
+  mesh = mesh_lib.create_mesh({"data": 2, "expert": 4})
+  with jax.set_mesh(mesh):
+    got = jax.jit(forward)(params, x, t, tokens)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_config_errors_name_the_mesh_key():
+  from ecdit_jax.model import ConfigError
+  from ecdit_jax.train.loop import validate_config
+  with pytest.raises(ConfigError, match=r"config\.mesh\.expert=8"):
+    validate_config(_config(**{"mesh.data": 1, "mesh.expert": 8}))  # 4 experts
+  with pytest.raises(ConfigError, match="batch shards"):
+    validate_config(_config(batch_size=12))  # 8 data shards
+  with pytest.raises(mesh_lib.MeshConfigError, match=r"config\.mesh"):
+    validate_config(_config(**{"mesh.data": 3}))
