@@ -8,12 +8,20 @@ categories) from the latest checkpoint's EMA parameters, scores every image with
 GenEval-Shapes scorer, prints a per-category table and writes
 ``DIR/eval/geneval_shapes_step<N>_...json``. Several ``--capacity_factors`` give the same
 evaluation at each inference capacity (expert choice's adaptive-compute knob).
+
+Each capacity also reports its compute, counted by ``ecdit_jax.model.flops`` (matmuls only,
+2 FLOPs per multiply-accumulate): "FLOPs per forward" is the DiT on one image at that capacity,
+"FLOPs per image" everything that generating one image costs, i.e. the DiT once per Euler step
+(twice per Heun step) on the conditional and the unconditional half (the sampler evaluates both
+whatever the guidance scale) plus encoding the prompt and the null caption once.
 """
 
 import json
 import os
 
 from absl import app, flags, logging
+
+from ecdit_jax.model.flops import format_flops, generation_flops_per_image
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
@@ -49,6 +57,12 @@ def evaluate_geneval_shapes(run, *, num_per_category, capacity_factor, steps, cf
   return scorer.score_batch(images, captions, [p.category for p in prompts])
 
 
+def flops_report(model_config, *, capacity_factor, num_steps, method) -> dict:
+  """Compute of one generated image at ``capacity_factor``, as the sampler runs the model."""
+  return generation_flops_per_image(model_config, num_steps=num_steps, method=method,
+                                    capacity_factor=capacity_factor)
+
+
 def format_table(results: dict) -> str:
   factors = list(results)
   categories = list(next(iter(results.values()))["per_category"])
@@ -60,6 +74,9 @@ def format_table(results: dict) -> str:
       value = results[f]["overall"] if name == "overall" else results[f]["per_category"][name]
       cells.append("-" if value is None else f"{value:.3f}")
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  for label, key in (("FLOPs per forward", "per_forward"), ("FLOPs per image", "total")):
+    cells = [format_flops(results[f]["flops"][key]) for f in factors]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -74,13 +91,15 @@ def main(argv):
 
   run = load_run(FLAGS.workdir, use_ema=FLAGS.use_ema)
   factors = [float(f) for f in FLAGS.capacity_factors] or [run.model_config.eval_capacity_factor]
+  steps = FLAGS.steps or run.config.sample.num_steps
   results = {}
   for factor in factors:
     results[factor] = evaluate_geneval_shapes(
-        run, num_per_category=FLAGS.num_per_category, capacity_factor=factor,
-        steps=FLAGS.steps or run.config.sample.num_steps,
+        run, num_per_category=FLAGS.num_per_category, capacity_factor=factor, steps=steps,
         cfg_scale=run.config.sample.cfg_scale if FLAGS.cfg_scale is None else FLAGS.cfg_scale,
         seed=FLAGS.seed, batch_size=FLAGS.batch_size)
+    results[factor]["flops"] = flops_report(run.model_config, capacity_factor=factor,
+                                            num_steps=steps, method=run.config.sample.method)
   outdir = os.path.join(FLAGS.workdir, "eval")
   os.makedirs(outdir, exist_ok=True)
   # The name holds every setting, so a file is only ever replaced by the same evaluation.

@@ -4,6 +4,9 @@ Nothing is allocated: the model is built under ``nnx.eval_shape``. "Activated" c
 parameter as often as an average image token uses it: an expert's weights are used by a token
 only when that expert takes it, which happens f / E of the time under expert choice (f = the
 capacity factor: each expert takes N f / E of N tokens) and k / E under token-choice top-k.
+
+``python -m ecdit_jax.model.counting`` prints every preset's parameter counts and its FLOPs per
+image (counted by :mod:`ecdit_jax.model.flops`) as the markdown table in docs/PRESETS.md.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from flax import nnx
 
 from ecdit_jax.model.config import ModelConfig
 from ecdit_jax.model.dit import TextToImageDiT
+from ecdit_jax.model.flops import forward_flops_per_image, train_flops_per_image
 from ecdit_jax.model.keys import ParamKeys
 
 
@@ -68,20 +72,27 @@ PAPER_TOTALS = {"XL-dense": 1.47, "XL-32E": 6.08, "XXL-dense": 2.35, "XXL-32E": 
 
 
 def preset_table(names=None) -> str:
-  """A markdown table of every preset's size (latent input: 4 channels, patch 2, 256 tokens)."""
+  """A markdown table of every preset's size (latent input: 4 channels, patch 2, 256 tokens).
+
+  The FLOP columns are one image through the whole model (text encoder included) at the
+  training capacity factor: the forward pass, and forward + backward (3 x forward).
+  """
   from ecdit_jax.model.presets import model_overrides, preset_names  # avoid a cycle at import
-  rows = ["| preset | d | layers | heads | experts | total (B) | backbone (B) | experts (B) | "
-          "activated/token (B) | paper total (B) |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+  header = ("| preset | d | layers | heads | experts | total (B) | backbone (B) | experts (B) | "
+            "activated/token (B) | paper total (B) | fwd GFLOPs/image | train GFLOPs/image |")
+  rows = [header, "|---" * (header.count("|") - 1) + "|"]
   for name in names or preset_names():
     config = ModelConfig(in_channels=4, **model_overrides(name))
     c = count_params(config)
     experts = config.num_experts if config.moe_layout != "none" else "-"
     paper = PAPER_TOTALS.get(name)
+    forward = forward_flops_per_image(config, train=True)["total"]
+    train = train_flops_per_image(config)["total"]
     rows.append(f"| {name} | {config.hidden_size} | {config.num_layers} | {config.num_heads} | "
                 f"{experts} | {c.total / 1e9:.3f} | {c.backbone / 1e9:.3f} | "
                 f"{c.experts / 1e9:.3f} | {c.activated_per_token / 1e9:.3f} | "
-                f"{'' if paper is None else f'{paper:.2f}'} |")
+                f"{'' if paper is None else f'{paper:.2f}'} | {forward / 1e9:.1f} | "
+                f"{train / 1e9:.1f} |")
   return "\n".join(rows)
 
 
