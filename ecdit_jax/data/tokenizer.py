@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID = 0
 EOS_ID = 1
@@ -82,8 +83,8 @@ class Tokenizer:
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """Loads a ``.model`` file (e.g. T5's ``spiece.model`` or one written by ``train_tokenizer``)."""
-  with open(path, "rb") as f:
-    return Tokenizer(f.read())
+  # epath reads local files and bucket URLs (gs://) alike.
+  return Tokenizer(epath.Path(path).read_bytes())
 
 
 def _write_atomically(path: str | os.PathLike, data: bytes) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import ml_collections
+from etils import epath
 from flax import nnx
 
 from ecdit_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -40,7 +40,7 @@ def load_run(workdir: str, *, step: int | None = None, use_ema: bool = True) -> 
     state = checkpointer.restore(step, abstract)
   finally:
     checkpointer.close()
-  tokenizer = load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
+  tokenizer = load_tokenizer(epath.Path(workdir) / TOKENIZER_FILE)
   return TrainedRun(config=config, model_config=model_config, graphdef=graphdef,
                     params=state.ema_params if use_ema else state.params, step=step,
                     tokenizer=tokenizer,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from ecdit_jax.data import geneval_shapes_tfds, pipeline, tokenizer as tokenizer_lib
 from ecdit_jax.model import ConfigError, ModelConfig
@@ -37,8 +37,8 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, source):
 
   The workdir copy pins the vocabulary of a run: its checkpoints are only valid with it.
   """
-  in_workdir = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(in_workdir):
+  in_workdir = epath.Path(workdir) / TOKENIZER_FILE
+  if in_workdir.exists():
     return tokenizer_lib.load_tokenizer(in_workdir)
   dcfg = config.data
   cache = os.path.join(data_dir(config), "tokenizers",
@@ -50,8 +50,10 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, source):
       dcfg.tokenizer_vocab_size)
   src = dcfg.tokenizer_path or cache
   if jax.process_index() == 0:
-    shutil.copyfile(src, in_workdir + ".tmp")
-    os.replace(in_workdir + ".tmp", in_workdir)
+    # Written whole, then renamed: a reader never sees a partial file.
+    tmp = in_workdir.parent / (TOKENIZER_FILE + ".tmp")
+    tmp.write_bytes(epath.Path(src).read_bytes())
+    tmp.rename(in_workdir)
   return tok
 
 

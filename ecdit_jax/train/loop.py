@@ -7,9 +7,9 @@ exactly where it stopped. SIGTERM (e.g. a preempted TPU VM) saves a checkpoint a
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import signal
 import threading
 
@@ -219,9 +219,10 @@ def _write_samples(sampler, state, prompt_tokens, null_tokens, config, workdir, 
   images = to_uint8(sampler(state.ema_params, prompt_tokens, null_tokens, config.seed))
   grid = sample_grid(images, list(config.sample.prompts))
   if jax.process_index() == 0:
-    outdir = os.path.join(workdir, "samples")
-    os.makedirs(outdir, exist_ok=True)
-    Image.fromarray(grid).save(os.path.join(outdir, f"step_{step:07d}.png"))
-    with open(os.path.join(outdir, f"step_{step:07d}.txt"), "w", encoding="utf-8") as f:
-      f.write("\n".join(config.sample.prompts) + "\n")
+    outdir = epath.Path(workdir) / "samples"
+    outdir.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
+    Image.fromarray(grid).save(png, format="PNG")
+    (outdir / f"step_{step:07d}.png").write_bytes(png.getvalue())
+    (outdir / f"step_{step:07d}.txt").write_text("\n".join(config.sample.prompts) + "\n")
     writer.write_image(step, "samples", grid)

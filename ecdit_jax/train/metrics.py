@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 
 def name_moe_layers(moe_metrics: Mapping[str, Any], layer_indices) -> dict[str, Any]:
@@ -24,16 +26,39 @@ def name_moe_layers(moe_metrics: Mapping[str, Any], layer_indices) -> dict[str, 
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard and metrics.jsonl, appending across restarts."""
+  """Writes scalars to TensorBoard and metrics.jsonl, appending across restarts.
+
+  Bucket workdirs (gs://...) cannot be appended to: the files are written in a local directory
+  and copied whole to the workdir after every write (they are small).
+  """
 
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
+    self._remote = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      local = workdir
+      if "://" in str(workdir):
+        self._remote = epath.Path(workdir)
+        local = tempfile.mkdtemp(prefix="ecdit_metrics_")
+        previous = self._remote / "metrics.jsonl"
+        if previous.exists():  # a resumed run keeps appending to its history
+          (epath.Path(local) / "metrics.jsonl").write_bytes(previous.read_bytes())
+      self._local = local
+      self._tb = SummaryWriter(os.path.join(local, "tensorboard"))
+      self._jsonl = open(os.path.join(local, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def _sync(self) -> None:
+    if self._remote is None:
+      return
+    self._tb.flush()
+    for path in epath.Path(self._local).glob("**/*"):
+      if path.is_file():
+        target = self._remote / path.relative_to(self._local)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.copy(target, overwrite=True)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -42,6 +67,7 @@ class MetricWriter:
       self._tb.add_scalar(name, value, step)
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self._jsonl.flush()
+    self._sync()
 
   def write_image(self, step: int, name: str, image: np.ndarray) -> None:
     """image: (H, W, 3) uint8."""
@@ -52,6 +78,7 @@ class MetricWriter:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+      self._sync()
 
 
 class Progress:
