@@ -148,8 +148,17 @@ def prepare(
   builder = make_builder(
     data_dir, image_size=image_size, num_train=num_train, num_test=num_test, seed=seed
   )
-  builder.download_and_prepare(
-    file_format=FILE_FORMAT,
-    download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-  )
+  try:
+    builder.download_and_prepare(
+      file_format=FILE_FORMAT,
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )
+  except FileExistsError:
+    # Several processes sharing a data_dir generate at once; the first to finish wins and the
+    # others, having written the same bytes, use its copy.
+    builder = make_builder(
+      data_dir, image_size=image_size, num_train=num_train, num_test=num_test, seed=seed
+    )
+    if not builder.is_prepared():
+      raise
   return builder
