@@ -31,7 +31,7 @@ from ecdit_jax.train.state import TrainState, abstract_train_state
 from ecdit_jax.train.step import make_train_step
 
 
-def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
+def validate_config(config: ml_collections.ConfigDict):
   """Fails at start, naming the key, for values that cannot work."""
   model_config = ModelConfig.from_mapping(config.model)
 

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The benchmark suite in one command: training-step throughput of EC-XL-8E and of the dense XL
+# model on one device, sampling EC-XL-8E against its FLOP-matched dense model on one device,
+# and, where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split
+# over an expert axis, then parameters over an fsdp axis). Run from anywhere:
+#
+#   bash bench/run_all.sh [OUT_DIR]   # default bench/out; a relative OUT_DIR is from the repo root
+#   EXTRA_ARGS=--smoke bash bench/run_all.sh bench/out_smoke   # tiny models, e.g. on a CPU
+#
+# Each benchmark writes OUT_DIR/<name>.json and OUT_DIR/<name>.log; a failing one (e.g. out of
+# memory) is reported and the suite goes on; the exit status is 1 if any failed. The summary
+# tables are printed at the end (python bench/common.py OUT_DIR prints them again).
+#
+# Environment: PYTHON (default python3), EXTRA_ARGS (added to every benchmark), BATCH (training
+# global batch, default 64), SAMPLE_BATCH (default 64), SAMPLE_STEPS (ODE steps, default 25),
+# BATCH_2 (global batch of the 2-device runs, default 32: the 32-expert train state alone,
+# parameters + EMA + two optimizer moments in float32, is about 86 GB, so 40 to 45 GiB a device),
+# MESHES_2 (the 2-device meshes, default "fsdp=1,expert=2 fsdp=2,expert=1"), and
+# XLA_PYTHON_CLIENT_MEM_FRACTION (default here 0.95, for the same reason).
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+OUT="${1:-bench/out}"
+PYTHON="${PYTHON:-python3}"
+BATCH="${BATCH:-64}"
+SAMPLE_BATCH="${SAMPLE_BATCH:-64}"
+SAMPLE_STEPS="${SAMPLE_STEPS:-25}"
+BATCH_2="${BATCH_2:-32}"
+MESHES_2="${MESHES_2:-fsdp=1,expert=2 fsdp=2,expert=1}"
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
+read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
+mkdir -p "$OUT" || exit 2
+
+FAILED=()
+# run NAME SCRIPT ARGS...: one benchmark, its output shown and kept in OUT/NAME.log.
+run() {
+  local name="$1"
+  shift
+  echo "== $name: $PYTHON $* ${EXTRA[*]}"
+  if ! "$PYTHON" "$@" "${EXTRA[@]}" --out="$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"; then
+    echo "== $name FAILED (see $OUT/$name.log)"
+    FAILED+=("$name")
+  fi
+}
+
+DEVICES="$("$PYTHON" -c 'import jax; print(jax.device_count())')" || exit 2
+echo "== $DEVICES device(s) visible"
+
+ONE=(--num_devices=1 --mesh=data=1)
+run step_ec_xl_8e bench/step.py --model=ec "${ONE[@]}" --batch_size="$BATCH"
+run step_dense_xl bench/step.py --model=dense "${ONE[@]}" --batch_size="$BATCH"
+run sample_ec_xl_8e_vs_dense bench/sample.py --model=ec --batch_size="$SAMPLE_BATCH" \
+  --num_steps="$SAMPLE_STEPS"
+
+if ((DEVICES >= 2)); then
+  for mesh in $MESHES_2; do
+    tag="${mesh//=/}"
+    run "step_ec_xl_32e_2dev_${tag//,/_}" bench/step.py --model=ec --num_experts=32 \
+      --num_devices=2 --mesh="$mesh" --batch_size="$BATCH_2"
+  done
+else
+  echo "== fewer than 2 devices: the 2-device 32-expert benchmarks are skipped"
+fi
+
+echo
+"$PYTHON" bench/common.py "$OUT"
+if ((${#FAILED[@]})); then
+  echo "failed: ${FAILED[*]}"
+  exit 1
+fi

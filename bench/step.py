@@ -1,0 +1,172 @@
+r"""Training-step throughput of the real sharded train step, on synthetic batches already on device.
+
+  python bench/step.py --model=ec --out=bench/out/step_ec.json        # EC-XL, 8 experts
+  python bench/step.py --model=dense                                  # the same shape, no MoE
+  python bench/step.py --preset=XL-32E --num_devices=2 --mesh=fsdp=1,expert=2
+  python bench/step.py --smoke                                        # tiny, checks it on a CPU
+
+The step is exactly what training runs: ``sharding.init_train_state`` lays the state out on the
+mesh, ``step.make_train_step`` (noise, caption dropout, loss, gradients, RMSProp-momentum, EMA)
+is jitted by ``sharding.jit_train_step`` and called under ``jax.set_mesh``. The input pipeline
+is left out: one random batch (latents, full-length random prompts) sits on the devices and is
+fed to every step.
+
+Reported: lower and compile seconds, images/s and tokens/s (tokens the backbone sees: all of
+them, or the kept ones under token masking) from the median of ``--windows`` windows of
+``--steps`` steps, model TFLOP/s = ``flops.train_flops_per_image(config)["total"]`` x images/s
+(the text encoder included: the step runs it for every image), and MFU against the bf16 matmul
+rate measured in the same run on one device of the mesh times the mesh's devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import common  # also puts the repository root on sys.path
+import jax
+import numpy as np
+
+from ecdit_jax.diffusion.masking import num_kept_tokens
+from ecdit_jax.model import ModelConfig, flops
+from ecdit_jax.model.counting import count_params
+from ecdit_jax.parallel import mesh as mesh_lib
+from ecdit_jax.train import sharding
+from ecdit_jax.train.optimizer import make_optimizer
+from ecdit_jax.train.step import make_train_step
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  common.add_common_flags(parser, default_batch=64)
+  parser.add_argument("--steps", type=int, default=10, help="train steps per timed window")
+  parser.add_argument("--mesh", default="data=-1",
+                      help="mesh sizes, e.g. data=1,fsdp=2,expert=2 (-1 = the rest)")
+  parser.add_argument("--num_devices", type=int, default=None,
+                      help="use the first N devices (default: all)")
+  parser.add_argument("--grad_accum_steps", type=int, default=1)
+  parser.add_argument("--mask_ratio", type=float, default=None,
+                      help="token masking (default: 0 for --model, the preset's for --preset)")
+  args = parser.parse_args(argv)
+  common.apply_smoke(args, calls_flag="steps")
+  return args
+
+
+def check_layout(model_config: ModelConfig, config, mesh) -> None:
+  """The checks of the training loop's config validation that a benchmark can hit."""
+  n_expert = mesh.shape["expert"]
+  if model_config.moe_layout != "none" and model_config.num_experts % n_expert:
+    raise SystemExit(f"--num_experts={model_config.num_experts} is not divisible by the "
+                     f"expert mesh axis of size {n_expert}")
+  shards = math.prod(mesh.shape[a] for a in mesh_lib.batch_axes(mesh))
+  if config.batch_size % (shards * config.grad_accum_steps):
+    raise SystemExit(f"--batch_size={config.batch_size} must be divisible by "
+                     f"--grad_accum_steps={config.grad_accum_steps} x {shards} batch shards")
+  micro = config.batch_size // config.grad_accum_steps
+  if micro % model_config.routing_group_size:
+    raise SystemExit(f"routing_group_size={model_config.routing_group_size} must divide the "
+                     f"micro-batch of {micro} images")
+
+
+def synthetic_batch(model_config: ModelConfig, batch_size: int, seed: int) -> dict:
+  rng = np.random.default_rng(seed)
+  size, channels = model_config.image_size, model_config.in_channels
+  return {"image": rng.standard_normal((batch_size, size, size, channels), np.float32),
+          "tokens": common.synthetic_tokens(rng, batch_size, model_config.text_max_len,
+                                            model_config.text_vocab_size)}
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  config = common.build_config(args)
+  config.grad_accum_steps = args.grad_accum_steps
+  if args.mask_ratio is not None:
+    config.diffusion.mask_ratio = args.mask_ratio
+  model_config = ModelConfig.from_mapping(config.model)
+  devices = jax.devices()[:args.num_devices] if args.num_devices else jax.devices()
+  mesh = mesh_lib.create_mesh(common.parse_mesh(args.mesh), devices)
+  check_layout(model_config, config, mesh)
+
+  optimizer = make_optimizer(config)
+  (graphdef, state, shardings), init_s = common.timed(
+      lambda: sharding.init_train_state(model_config, optimizer, config.seed, mesh))
+  jax.block_until_ready(state)
+  mask_ratio = config.diffusion.mask_ratio
+  masked = mask_ratio > 0
+  step_fn = make_train_step(graphdef, model_config, config, optimizer,
+                            common.null_tokens(model_config.text_max_len), masked=masked)
+  jitted = sharding.jit_train_step(step_fn, shardings, mesh)
+  batch = sharding.global_batch(synthetic_batch(model_config, config.batch_size, args.seed), mesh)
+
+  with jax.set_mesh(mesh):
+    lowered, lower_s = common.timed(lambda: jitted.lower(state, batch))
+    compiled, compile_s = common.timed(lowered.compile)
+    metrics = None
+    for _ in range(args.warmup):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+
+    def window():
+      nonlocal state, metrics
+      for _ in range(args.steps):
+        state, metrics = compiled(state, batch)  # dispatched without waiting
+      jax.block_until_ready(state)
+
+    seconds = common.timed_windows(window, args.windows)
+  loss, nonfinite = float(metrics["loss"]), bool(metrics["nonfinite"])
+  peak = common.peak_memory_bytes(devices)  # before the matmul reference allocates anything
+  state = batch = metrics = None  # free the devices for the matmul reference
+
+  matmul = common.matmul_reference(args.matmul_size, device=devices[0])
+  tokens = num_kept_tokens(model_config.num_tokens, mask_ratio) if masked else None
+  per_image = flops.train_flops_per_image(model_config, num_tokens=tokens)
+  stats = common.window_stats(seconds, args.steps, config.batch_size)
+  images_per_s = stats["images_per_s"]
+  model_tflops = per_image["total"] * images_per_s / 1e12
+  params = count_params(model_config)
+  record = {
+      "benchmark": "train_step",
+      "name": common.config_name(args, model_config),
+      "model": config.model.to_dict(),
+      "param_count": {"total": params.total, "backbone": params.backbone,
+                      "experts": params.experts,
+                      "activated_per_token": params.activated_per_token},
+      "batch_size": config.batch_size,
+      "grad_accum_steps": config.grad_accum_steps,
+      "mask_ratio": mask_ratio,
+      "tokens_per_image": tokens or model_config.num_tokens,
+      "mesh": dict(mesh.shape),
+      "environment": common.environment(devices),
+      "init_s": init_s,
+      "lower_s": lower_s,
+      "compile_s": compile_s,
+      "warmup_steps": args.warmup,
+      "steps_per_window": args.steps,
+      **stats,
+      "images_per_s_per_device": images_per_s / len(devices),
+      "tokens_per_s": images_per_s * (tokens or model_config.num_tokens),
+      "train_flops_per_image": per_image["total"],
+      "train_flops_per_image_backbone": per_image["backbone"],
+      "flops_convention": "flops.train_flops_per_image()['total']: 3 x forward matmuls, "
+                          "text encoder included",
+      "model_tflops_per_s": model_tflops,
+      "matmul_reference": matmul,
+      "mfu": model_tflops / (matmul["tflops"] * len(devices)),
+      "peak_bytes_in_use": peak,
+      "final_loss": loss,
+      "final_step_nonfinite": nonfinite,
+  }
+  peak_text = "n/a" if peak is None else f"{peak / 2**30:.1f} GiB"
+  print(f"step {record['name']} mesh={args.mesh} batch={config.batch_size} "
+        f"{record['environment']['device_kind']} x{len(devices)}: compile {compile_s:.1f}s, "
+        f"{images_per_s:.1f} img/s, {record['tokens_per_s']:.0f} tok/s, "
+        f"{model_tflops:.1f} model TFLOP/s, matmul {matmul['tflops']:.1f} TFLOP/s/device, "
+        f"MFU {record['mfu']:.1%}, peak {peak_text}, loss {loss:.4f}")
+  common.write_json(args.out, record)
+  return record
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
