@@ -155,7 +155,8 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
   sampler = None
   if config.sample_every_steps:
     sampler = make_sampler(graphdef, model_config, num_steps=config.sample.num_steps,
-                           cfg_scale=config.sample.cfg_scale, method=config.sample.method)
+                           cfg_scale=config.sample.cfg_scale, method=config.sample.method,
+                           param_shardings=shardings.ema_params, mesh=mesh)
     prompt_tokens = tokenizer.encode_batch(list(config.sample.prompts), model_config.text_max_len)
   writer = MetricWriter(workdir)
   progress = Progress(start, total, config.batch_size)

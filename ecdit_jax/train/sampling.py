@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image, ImageDraw
 
 from ecdit_jax.diffusion.generate import generate
@@ -16,26 +17,35 @@ from ecdit_jax.model import ModelConfig
 
 
 def make_sampler(graphdef: nnx.GraphDef, model_config: ModelConfig, *, num_steps: int,
-                 cfg_scale: float, method: str, capacity_factor: float | None = None):
+                 cfg_scale: float, method: str, capacity_factor: float | None = None,
+                 param_shardings=None, mesh=None):
   """sampler(params, tokens, null_tokens, seed, first_index) -> (B, H, W, C) float32.
 
   Image ``first_index + i`` of a run is drawn from noise keyed by (seed, first_index + i), so a
-  prompt's image does not depend on how prompts are batched.
+  prompt's image does not depend on how prompts are batched. With ``param_shardings`` and
+  ``mesh`` (training on a mesh) the parameters stay in their shards, prompts and images are
+  replicated; call the sampler inside ``jax.set_mesh(mesh)``.
   """
   shape = (model_config.image_size, model_config.image_size, model_config.in_channels)
+  jit_kwargs = {}
+  if mesh is not None:
+    whole = NamedSharding(mesh, PartitionSpec())
+    jit_kwargs = dict(in_shardings=(param_shardings, whole, whole, whole, whole),
+                      out_shardings=whole)
 
-  @jax.jit
-  def run(params, tokens, null_tokens, seed_key, indices):
+  @functools.partial(jax.jit, **jit_kwargs)
+  def run(params, tokens, null_tokens, seed, indices):
     model = nnx.merge(graphdef, params)
+    seed_key = jax.random.key(seed)
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(seed_key, i), shape))(
         indices)
     return generate(model, tokens, null_tokens, noise, num_steps=num_steps,
                     cfg_scale=cfg_scale, method=method, capacity_factor=capacity_factor)
 
   def sampler(params, tokens, null_tokens, seed: int, first_index: int = 0):
-    indices = jnp.arange(first_index, first_index + tokens.shape[0])
-    return run(params, jnp.asarray(tokens), jnp.asarray(null_tokens), jax.random.key(seed),
-               indices)
+    # Host (numpy) inputs: valid in every process of a multi-process run.
+    indices = np.arange(first_index, first_index + len(tokens), dtype=np.int32)
+    return run(params, np.asarray(tokens), np.asarray(null_tokens), np.uint32(seed), indices)
 
   return sampler
 

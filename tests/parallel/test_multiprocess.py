@@ -26,7 +26,7 @@ OVERRIDES = {
     "model.num_kv_heads": 1, "model.num_experts": 4, "model.text_hidden_size": 16,
     "model.text_num_layers": 1, "model.text_num_heads": 2, "data.num_train": 96,
     "data.num_test": 16, "batch_size": 8, "warmup_steps": 2, "log_every_steps": 1,
-    "checkpoint_every_steps": 2, "sample_every_steps": 0,
+    "checkpoint_every_steps": 2, "sample_every_steps": 4, "sample.num_steps": 2,
     # 2 processes x 2 devices: batch over data, experts over expert.
     "mesh.data": 2, "mesh.expert": 2,
 }
@@ -99,5 +99,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one(data_dir, tmp_path)
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     logged = {r["step"]: r["loss"] for r in map(json.loads, f)}
   assert sorted(logged) == [1, 2, 3, 4]
+  # The sampler ran on the mesh too (parameters in their shards, prompts in both processes).
+  assert os.path.exists(os.path.join(workdir, "samples", "step_0000004.png"))
   expected = _reference_losses(workdir, data_dir, num_steps=4)
   np.testing.assert_allclose([logged[s] for s in (1, 2, 3, 4)], expected, rtol=2e-5)
