@@ -95,6 +95,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.sample_every_steps = 1000
+  # GenEval-Shapes score of the EMA parameters during training (0 = off), with the sampler
+  # settings of config.sample; logged as eval/geneval_shapes/*. The full evaluation (100 prompts
+  # a category, capacity sweeps) is `python -m ecdit_jax.evaluate`.
+  config.eval_every_steps = 2500
+  config.eval = ml_collections.ConfigDict(dict(num_per_category=10, batch_size=60))
   config.sample = ml_collections.ConfigDict(dict(
       num_steps=25,
       method="euler",  # or heun

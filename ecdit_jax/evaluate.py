@@ -41,20 +41,14 @@ SUPPORTED = ("geneval_shapes",)
 def evaluate_geneval_shapes(run, *, num_per_category, capacity_factor, steps, cfg_scale, seed,
                             batch_size):
   """Samples the standard prompts and scores them; returns the scorer's summary."""
-  import numpy as np
+  from ecdit_jax.train.geneval import geneval_shapes_score
+  from ecdit_jax.train.sampling import make_sampler
 
-  from ecdit_jax.eval import geneval_shapes as scorer
-  from ecdit_jax.train.sampling import make_sampler, to_uint8
-
-  prompts = scorer.evaluation_prompts(num_per_category, seed=0)
-  captions = [p.caption for p in prompts]
   sampler = make_sampler(run.graphdef, run.model_config, num_steps=steps, cfg_scale=cfg_scale,
                          method=run.config.sample.method, capacity_factor=capacity_factor)
-  tokens = run.tokenizer.encode_batch(captions, run.model_config.text_max_len)
-  images = np.concatenate([
-      to_uint8(sampler(run.params, tokens[i:i + batch_size], run.null_tokens, seed,
-                       first_index=i)) for i in range(0, len(prompts), batch_size)])
-  return scorer.score_batch(images, captions, [p.category for p in prompts])
+  return geneval_shapes_score(sampler, run.params, run.tokenizer, run.null_tokens,
+                              run.model_config.text_max_len, num_per_category=num_per_category,
+                              seed=seed, batch_size=batch_size)
 
 
 def flops_report(model_config, *, capacity_factor, num_steps, method) -> dict:

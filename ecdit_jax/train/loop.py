@@ -22,7 +22,7 @@ from PIL import Image
 from ecdit_jax.model import ConfigError, ModelConfig
 from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.train import sharding
-from ecdit_jax.train import input_pipeline
+from ecdit_jax.train import geneval, input_pipeline
 from ecdit_jax.train.checkpoint import Checkpointer, check_same_model
 from ecdit_jax.train.metrics import MetricWriter, Progress, log_line, name_moe_layers
 from ecdit_jax.train.optimizer import make_optimizer
@@ -67,6 +67,13 @@ def validate_config(config: ml_collections.ConfigDict):
         f"config.diffusion.timestep_scale={config.diffusion.timestep_scale} must be > 0")
   check(config.sample.method in ("euler", "heun"),
         f"config.sample.method={config.sample.method!r} must be 'euler' or 'heun'")
+  check(isinstance(config.eval_every_steps, int) and config.eval_every_steps >= 0,
+        f"config.eval_every_steps={config.eval_every_steps!r} must be an integer >= 0")
+  check(not config.eval_every_steps or config.data.dataset == "geneval_shapes",
+        f"config.eval_every_steps={config.eval_every_steps} scores GenEval-Shapes prompts, but "
+        f"config.data.dataset={config.data.dataset!r}; set it to 0")
+  check(config.eval.num_per_category >= 1 and config.eval.batch_size >= 1,
+        "config.eval.num_per_category and config.eval.batch_size must be >= 1")
   mesh = mesh_lib.create_mesh(config.mesh)
   n_expert = mesh.shape["expert"]
   check(model_config.moe_layout == "none" or model_config.num_experts % n_expert == 0,
@@ -153,7 +160,7 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
       shardings, mesh) for masked in {False, config.diffusion.mask_ratio > 0}}
   unmasked_from = total - config.diffusion.unmasked_final_steps
   sampler = None
-  if config.sample_every_steps:
+  if config.sample_every_steps or config.eval_every_steps:
     sampler = make_sampler(graphdef, model_config, num_steps=config.sample.num_steps,
                            cfg_scale=config.sample.cfg_scale, method=config.sample.method,
                            param_shardings=shardings.ema_params, mesh=mesh)
@@ -201,8 +208,16 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
         log_line(Progress.line(done, total, scalars["loss"], rates))
         losses.clear()
 
-      if sampler is not None and done % config.sample_every_steps == 0:
+      if config.sample_every_steps and done % config.sample_every_steps == 0:
         _write_samples(sampler, state, prompt_tokens, null_tokens, config, workdir, writer, done)
+      if config.eval_every_steps and done % config.eval_every_steps == 0:
+        result = geneval.geneval_shapes_score(
+            sampler, state.ema_params, tokenizer, null_tokens, model_config.text_max_len,
+            num_per_category=config.eval.num_per_category, seed=config.seed,
+            batch_size=config.eval.batch_size)
+        writer.write_scalars(done, geneval.as_scalars(result))
+        log_line(f"step {done}: GenEval-Shapes {result['overall']:.3f} (EMA, "
+                 f"{config.eval.num_per_category} prompts a category)")
 
       if done % config.checkpoint_every_steps == 0 or done == total or stop.requested:
         if pending is not None:  # never save a state that has not been checked

@@ -31,14 +31,17 @@ def test_train_then_sample(data_dir, tmp_path):
   result = run(["ecdit_jax.main", "--config=configs/default.py", f"--workdir={workdir}",
                 f"--config.data.data_dir={data_dir}", "--config.num_train_steps=4",
                 "--config.log_every_steps=2", "--config.checkpoint_every_steps=2",
-                "--config.sample_every_steps=4", *TINY])
+                "--config.sample_every_steps=4", "--config.eval_every_steps=4",
+                "--config.eval.num_per_category=1", *TINY])
   assert result.returncode == 0, result.stderr[-3000:]
   assert "step 4/4" in result.stdout
   assert Checkpointer(workdir).all_steps() == [2, 4]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  assert [r["step"] for r in rows] == [2, 4]
-  assert "routing/block_01/tokens_2plus_experts" in rows[-1]
+  assert [r["step"] for r in rows] == [2, 4, 4]  # step 4: training scalars, then the eval
+  assert "routing/block_01/tokens_2plus_experts" in rows[1]
+  in_training = rows[2]
+  assert 0.0 <= in_training["eval/geneval_shapes/overall"] <= 1.0
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   grid = Image.open(os.path.join(workdir, "samples", "step_0000004.png"))
   assert grid.size[0] == 4 * 32 * 4  # four 32x32 samples a row, enlarged 4x
@@ -71,6 +74,14 @@ def test_train_then_sample(data_dir, tmp_path):
   for summary in results.values():
     assert set(summary["counts"].values()) == {2} and len(summary["counts"]) == 6
     assert 0.0 <= summary["overall"] <= 1.0
+  # The CLI at the training run's settings gives the score logged during training.
+  result = run(["ecdit_jax.evaluate", f"--workdir={workdir}", "--num_per_category=1",
+                "--capacity_factors=2", "--steps=2", "--seed=0", "--batch_size=3"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  [report] = [r for r in os.listdir(os.path.join(workdir, "eval")) if "_n1_" in r]
+  with open(os.path.join(workdir, "eval", report)) as f:
+    again = json.load(f)["results"]["2.0"]
+  assert again["overall"] == in_training["eval/geneval_shapes/overall"]
   # Existing samples are never overwritten.
   result = run(["ecdit_jax.sample", f"--workdir={workdir}", f"--prompts={prompts}",
                 f"--outdir={alone}"])
