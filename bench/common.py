@@ -68,6 +68,8 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_batch: int) -> 
                       help="override the expert-choice capacity factor (training and eval)")
   parser.add_argument("--attention_impl", choices=("auto", "xla", "cudnn"), default=None,
                       help="override config.model.attention_impl")
+  parser.add_argument("--remat", choices=("none", "block", "dots"), default=None,
+                      help="override config.model.remat (recompute blocks in the backward)")
   parser.add_argument("--windows", type=int, default=5, help="timed windows")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compile")
   parser.add_argument("--matmul_size", type=int, default=8192,
@@ -109,6 +111,7 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config.model.dtype = args.dtype
   overrides = {"num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads,
                "num_experts": args.num_experts, "attention_impl": args.attention_impl,
+               "remat": args.remat,
                "capacity_factor": args.capacity_factor,
                "eval_capacity_factor": args.capacity_factor}
   config.model.update({k: v for k, v in overrides.items() if v is not None})

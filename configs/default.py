@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="float32",  # bfloat16 is slower than float32 on most CPUs; use it on accelerators
       param_dtype="float32",
       attention_impl="auto",
+      remat="none",  # or "block" / "dots": recompute blocks in the backward pass to save memory
   ))
 
   # Data: GenEval-Shapes is generated locally on first use and cached under data_dir.

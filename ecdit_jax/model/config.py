@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 ROUTERS = ("expert_choice", "token_choice")
 MOE_LAYOUTS = ("every_other", "every", "none")
+REMAT_POLICIES = ("none", "block", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
@@ -62,6 +63,9 @@ class ModelConfig:
   dtype: str = "bfloat16"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"
   attention_impl: str = "auto"  # auto: cuDNN flash attention on GPU, XLA elsewhere
+  # Rematerialisation of each DiT block in the backward pass: "none"; "block" (keep only the
+  # block inputs: least memory); "dots" (keep matmul outputs, recompute the elementwise work).
+  remat: str = "none"
 
   @classmethod
   def from_mapping(cls, mapping: Mapping[str, Any], prefix: str = "config.model") -> "ModelConfig":
@@ -163,6 +167,8 @@ def _validate(c: ModelConfig) -> None:
   _check(c.moe_layout in MOE_LAYOUTS,
          f"config.model.moe_layout={c.moe_layout!r} must be one of {MOE_LAYOUTS}")
   _check(c.router in ROUTERS, f"config.model.router={c.router!r} must be one of {ROUTERS}")
+  _check(c.remat in REMAT_POLICIES,
+         f"config.model.remat={c.remat!r} must be one of {REMAT_POLICIES}")
   _check(c.attention_impl in ATTENTION_IMPLS,
          f"config.model.attention_impl={c.attention_impl!r} must be one of {ATTENTION_IMPLS}")
   for key in ("dtype", "param_dtype"):

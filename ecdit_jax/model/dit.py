@@ -129,10 +129,18 @@ class DiT(nnx.Module):
     if keep_index is not None:
       x = jnp.take_along_axis(x, keep_index[..., None], axis=1)
     cond = self.conditioning(t, context, context_lengths)
+
+    def run_block(block, x, cond, context, context_lengths):
+      return block(x, cond, context, context_lengths, train=train,
+                   capacity_factor=capacity_factor)
+
+    if cfg.remat != "none":
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
+                else None)
+      run_block = nnx.remat(run_block, policy=policy)
     layer_aux = []
     for block in self.blocks:
-      x, aux = block(x, cond, context, context_lengths, train=train,
-                     capacity_factor=capacity_factor)
+      x, aux = run_block(block, x, cond, context, context_lengths)
       if aux is not None:
         layer_aux.append(aux)
     out = self.final(x, cond).astype(jnp.float32)

@@ -166,3 +166,29 @@ def test_every_parameter_carries_logical_axis_names():
       nnx.get_partition_spec(nnx.state(model.dit.blocks[0].ffn.experts, nnx.Param)),
       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   assert len(expert_specs) == 4 and all(s[0] == axes.EXPERT for s in expert_specs)
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_remat_recomputes_blocks_and_keeps_the_gradients(remat):
+  plain = TextToImageDiT(tiny_config(), rngs=nnx.Rngs(0))
+  perturb_all_params(plain)
+  graphdef, params = nnx.split(plain, nnx.Param)
+  remat_graphdef, _ = nnx.split(TextToImageDiT(tiny_config(remat=remat), rngs=nnx.Rngs(0)),
+                                nnx.Param)
+  x, t, tokens = inputs(tiny_config())
+
+  def loss(graphdef):
+    return lambda p: jnp.mean(nnx.merge(graphdef, p)(x, t, tokens)[0] ** 2)
+
+  want = jax.grad(loss(graphdef))(params)
+  got = jax.grad(loss(remat_graphdef))(params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+  program = str(jax.make_jaxpr(jax.grad(loss(remat_graphdef)))(params))
+  assert program.count("remat") + program.count("checkpoint") >= 2  # one per block
+
+
+def test_bad_remat_policy_names_the_key():
+  from ecdit_jax.model import ConfigError
+  with pytest.raises(ConfigError, match=r"config\.model\.remat"):
+    tiny_config(remat="everything")
