@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ecdit_jax.model.flops import format_flops, generation_flops_per_image
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/, or an export.")
 flags.DEFINE_list("eval", ["geneval_shapes"], "Evaluations to run: geneval_shapes.")
 flags.DEFINE_integer("num_per_category", 100, "Prompts per GenEval-Shapes category.")
 flags.DEFINE_list("capacity_factors", [], "Inference capacity factors (default: the config's).")

@@ -13,7 +13,7 @@ import os
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/, or an export.")
 flags.DEFINE_string("prompts", None, "Text file with one prompt per line.")
 flags.DEFINE_string("outdir", None, "Where to write the PNGs.")
 flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's config.sample.num_steps).")

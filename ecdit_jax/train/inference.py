@@ -1,10 +1,17 @@
-"""Loading a trained run for inference: config, tokenizer and (EMA) parameters from a workdir."""
+"""Loading a trained run for inference: config, tokenizer and (EMA) parameters.
+
+Two sources: a training workdir (the latest or a chosen checkpoint, EMA or raw parameters), or
+a directory written by ``python -m ecdit_jax.export`` (one set of parameters, no optimizer
+state). ``load_run`` tells them apart by the export's ``export.json``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import ml_collections
+import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
@@ -27,8 +34,36 @@ class TrainedRun:
   null_tokens: object
 
 
+EXPORT_INFO = "export.json"
+EXPORT_PARAMS = "params"
+
+
+def is_export(path: str) -> bool:
+  return (epath.Path(path) / EXPORT_INFO).exists()
+
+
+def _load_export(path: str) -> TrainedRun:
+  root = epath.Path(path)
+  info = json.loads((root / EXPORT_INFO).read_text())
+  config = ml_collections.ConfigDict(json.loads((root / "config.json").read_text()))
+  model_config = ModelConfig.from_mapping(config.model)
+  graphdef, abstract = abstract_train_state(model_config, make_optimizer(config), config.seed)
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(root.absolute() / EXPORT_PARAMS, abstract.params)
+  tokenizer = load_tokenizer(root / TOKENIZER_FILE)
+  return TrainedRun(config=config, model_config=model_config, graphdef=graphdef, params=params,
+                    step=int(info["step"]), tokenizer=tokenizer,
+                    null_tokens=null_tokens(tokenizer, model_config.text_max_len))
+
+
 def load_run(workdir: str, *, step: int | None = None, use_ema: bool = True) -> TrainedRun:
-  """The parameters of ``step`` (default: the latest checkpoint) of the run in ``workdir``."""
+  """The parameters of ``step`` (default: the latest checkpoint) of the run in ``workdir``, or
+  those of an exported directory (``step`` must then be None or the exported step)."""
+  if is_export(workdir):
+    run = _load_export(workdir)
+    if step is not None and step != run.step:
+      raise ValueError(f"{workdir} is an export of step {run.step}, not step {step}")
+    return run
   checkpointer = Checkpointer(workdir, async_save=False)
   try:
     step = checkpointer.latest_step() if step is None else step

@@ -55,6 +55,20 @@ def test_train_then_sample(data_dir, tmp_path):
   assert sorted(os.listdir(outdir)) == ["00000.png", "00001.png"]
   first = np.asarray(Image.open(os.path.join(outdir, "00000.png")))
   assert first.shape == (32, 32, 3) and first.dtype == np.uint8
+  # An export (EMA parameters, config, tokenizer; no optimizer state) samples the same images.
+  exported = str(tmp_path / "export")
+  result = run(["ecdit_jax.export", f"--workdir={workdir}", f"--out={exported}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "exported step 4" in result.stdout
+  from_export = str(tmp_path / "from_export")
+  result = run(["ecdit_jax.sample", f"--workdir={exported}", f"--prompts={prompts}",
+                f"--outdir={from_export}", "--steps=3", "--seed=1"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("00000.png", "00001.png"):
+    np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(from_export, name))),
+                                  np.asarray(Image.open(os.path.join(outdir, name))))
+  result = run(["ecdit_jax.export", f"--workdir={workdir}", f"--out={exported}"])
+  assert result.returncode != 0 and "never overwrite" in result.stderr
   # Image 0 does not depend on its batch mates: sampled alone it is identical.
   prompts.write_text("a red circle\n")
   alone = str(tmp_path / "alone")
