@@ -26,22 +26,17 @@ flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to use (default: the l
 flags.mark_flags_as_required(["workdir", "prompts", "outdir"])
 
 
-def read_prompts(path: str) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    prompts = [line.strip() for line in f if line.strip()]
-  if not prompts:
-    raise app.UsageError(f"{path} holds no prompts")
-  return prompts
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from ecdit_jax.train.inference import load_run  # after flag parsing: keeps --help fast
+  from ecdit_jax.train.inference import load_run, read_prompts  # after flag parsing
   from ecdit_jax.train.sampling import make_sampler, to_uint8, write_pngs
 
-  prompts = read_prompts(FLAGS.prompts)
+  try:
+    prompts = read_prompts(FLAGS.prompts)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   if os.path.isdir(FLAGS.outdir) and os.listdir(FLAGS.outdir):
     raise app.UsageError(f"--outdir={FLAGS.outdir} is not empty; refusing to overwrite")
   run = load_run(FLAGS.workdir, step=FLAGS.checkpoint_step, use_ema=FLAGS.use_ema)

@@ -118,7 +118,8 @@ class DiT(nnx.Module):
       capacity_factor: overrides either (e.g. for capacity sweeps).
     Returns:
       (prediction, aux): prediction (B, H, W, C) float32, or (B, K, p*p*C) patch tokens when
-      ``keep_index`` is given; aux = {"aux_loss": scalar, "moe": {stat: (num_moe_layers,)}}.
+      ``keep_index`` is given; aux = {"aux_loss": scalar, "moe": {stat: (num_moe_layers,)},
+      "token_counts": (num_moe_layers, B, S) experts per token} (no MoE: the first two only).
     """
     cfg = self.config
     b, h, w, c = x_t.shape
@@ -150,11 +151,17 @@ class DiT(nnx.Module):
 
 
 def stack_layer_aux(layer_aux: list[dict]) -> dict:
-  """Sums the layers' auxiliary losses and stacks their statistics along a layer axis."""
+  """Sums the layers' auxiliary losses and stacks their statistics along a layer axis.
+
+  ``token_counts`` (num_moe_layers, B, S) says how many experts processed each image token in
+  each MoE layer (for routing analysis; training drops it).
+  """
   if not layer_aux:
     return {"aux_loss": jnp.zeros((), jnp.float32), "moe": {}}
-  stats = {k: jnp.stack([a[k] for a in layer_aux]) for k in layer_aux[0] if k != "aux_loss"}
-  return {"aux_loss": sum(a["aux_loss"] for a in layer_aux), "moe": stats}
+  per_token = ("aux_loss", "token_counts")
+  stats = {k: jnp.stack([a[k] for a in layer_aux]) for k in layer_aux[0] if k not in per_token}
+  return {"aux_loss": sum(a["aux_loss"] for a in layer_aux), "moe": stats,
+          "token_counts": jnp.stack([a["token_counts"] for a in layer_aux])}
 
 
 class TextToImageDiT(nnx.Module):

@@ -242,7 +242,7 @@ class ExpertChoiceFFN(_RoutedFFN):
     z_loss = router_z_loss(logits)
     aux = routing_stats(counts)
     aux.update(router_z_loss=z_loss, load_balance_loss=jnp.zeros((), jnp.float32),
-               aux_loss=cfg.router_z_loss_weight * z_loss)
+               aux_loss=cfg.router_z_loss_weight * z_loss, token_counts=counts.reshape(b, s))
     return y, aux
 
 
@@ -275,7 +275,9 @@ class TokenChoiceFFN(_RoutedFFN):
     y = y.astype(x.dtype).reshape(b, s, d)
     z_loss = router_z_loss(logits)
     lb_loss = load_balance_loss(route["scores"], route["expert"])
-    aux = routing_stats(jnp.sum(route["kept"], axis=-1))
+    counts = jnp.sum(route["kept"], axis=-1, dtype=jnp.int32)
+    aux = routing_stats(counts)
     aux.update(router_z_loss=z_loss, load_balance_loss=lb_loss,
-               aux_loss=cfg.router_z_loss_weight * z_loss + cfg.load_balance_loss_weight * lb_loss)
+               aux_loss=cfg.router_z_loss_weight * z_loss + cfg.load_balance_loss_weight * lb_loss,
+               token_counts=counts.reshape(b, s))
     return y, aux

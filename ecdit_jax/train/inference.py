@@ -80,3 +80,11 @@ def load_run(workdir: str, *, step: int | None = None, use_ema: bool = True) -> 
                     params=state.ema_params if use_ema else state.params, step=step,
                     tokenizer=tokenizer,
                     null_tokens=null_tokens(tokenizer, model_config.text_max_len))
+
+
+def read_prompts(path: str) -> list[str]:
+  """One prompt per non-empty line of a text file."""
+  prompts = [line.strip() for line in epath.Path(path).read_text().splitlines() if line.strip()]
+  if not prompts:
+    raise ValueError(f"{path} holds no prompts")
+  return prompts

@@ -64,6 +64,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, model_config: ModelConfig,
     else:
       pred, aux = model(x_t, t, tokens, train=True)
     loss = diffusion.flow_matching_loss(pred, target)
+    aux = {k: v for k, v in aux.items() if k != "token_counts"}  # per-token maps: analysis only
     return loss + aux["aux_loss"], (loss, aux)
 
   return loss_fn

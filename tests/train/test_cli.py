@@ -69,6 +69,20 @@ def test_train_then_sample(data_dir, tmp_path):
                                   np.asarray(Image.open(os.path.join(outdir, name))))
   result = run(["ecdit_jax.export", f"--workdir={workdir}", f"--out={exported}"])
   assert result.returncode != 0 and "never overwrite" in result.stderr
+  # Routing analysis of the same prompts and seed: the same images, plus where compute went.
+  analysis = str(tmp_path / "routing")
+  result = run(["ecdit_jax.analyze_routing", f"--workdir={workdir}", f"--prompts={prompts}",
+                f"--outdir={analysis}", "--steps=3", "--seed=1"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("00000.png", "00001.png"):
+    got = np.asarray(Image.open(os.path.join(analysis, "images", name)), np.int32)
+    want = np.asarray(Image.open(os.path.join(outdir, name)), np.int32)
+    assert np.abs(got - want).max() <= 1  # per-step jit vs one fused loop: rounding only
+    assert os.path.exists(os.path.join(analysis, "heatmaps", name))
+  with open(os.path.join(analysis, "summary.json")) as f:
+    routing_summary = json.load(f)
+  assert len(routing_summary["experts_per_token_by_step"]) == 3
+  assert np.load(os.path.join(analysis, "counts.npy")).shape == (3, 1, 2, 64)
   # Image 0 does not depend on its batch mates: sampled alone it is identical.
   prompts.write_text("a red circle\n")
   alone = str(tmp_path / "alone")

@@ -1,0 +1,130 @@
+r"""Where expert choice spends compute while sampling: per token, sampling step and MoE layer.
+
+  python -m ecdit_jax.analyze_routing --workdir=DIR --outdir=OUT [--prompts=FILE --steps=25
+      --cfg_scale=3 --seed=0 --capacity_factor=2]
+
+Without --prompts it uses GenEval-Shapes evaluation prompts (single and two objects). Writes
+OUT/images/NNNNN.png (the samples: the same images as ``ecdit_jax.sample`` with Euler and the
+same seed), OUT/heatmaps/NNNNN.png (each sample beside a map of experts per token, averaged over
+steps and MoE layers, dark = fewer), OUT/compute_by_step.png and OUT/compute_by_layer.png,
+OUT/counts.npy ((steps, moe_layers, images, tokens) experts per token) and OUT/summary.json,
+which includes the ratio of compute on object tokens to compute on background tokens.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/, or an export.")
+flags.DEFINE_string("outdir", None, "New (or empty) directory for the analysis.")
+flags.DEFINE_string("prompts", None, "Text file with one prompt per line (default: GenEval-"
+                    "Shapes single- and two-object prompts).")
+flags.DEFINE_integer("num_prompts", 8, "Default prompts to use when --prompts is not given.")
+flags.DEFINE_integer("steps", None, "Euler steps (default: the run's config.sample.num_steps).")
+flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the run's config).")
+flags.DEFINE_float("capacity_factor", None, "Inference capacity factor (default: the config's).")
+flags.DEFINE_integer("seed", 0, "Noise seed.")
+flags.mark_flags_as_required(["workdir", "outdir"])
+
+SCALE = 8  # heatmap pixels per image pixel
+
+
+def _default_prompts(n):
+  from ecdit_jax.eval import geneval_shapes as scorer
+  per = -(-n // 2)
+  prompts = [p for p in scorer.evaluation_prompts(per, seed=0)
+             if p.category in ("single_object", "two_object")]
+  return [p.caption for p in prompts][:n]
+
+
+def _heat(values, vmax):
+  """(g, g) floats -> (g, g, 3) uint8, black -> red -> yellow as values rise to vmax."""
+  import numpy as np
+  x = np.clip(values / max(vmax, 1e-9), 0, 1)
+  return (np.stack([np.minimum(2 * x, 1), np.clip(2 * x - 1, 0, 1), np.zeros_like(x)], -1)
+          * 255).astype(np.uint8)
+
+
+def _bar_chart(values, labels, title, path):
+  from PIL import Image, ImageDraw
+  width, height, pad = 40 * len(values) + 60, 260, 30
+  canvas = Image.new("RGB", (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  draw.text((pad, 5), title, fill=(0, 0, 0))
+  top = max(max(values), 1e-9)
+  for i, (value, label) in enumerate(zip(values, labels)):
+    x0 = pad + 40 * i
+    bar = int((height - 2 * pad - 20) * value / top)
+    draw.rectangle([x0, height - pad - bar, x0 + 28, height - pad], fill=(200, 60, 40))
+    draw.text((x0, height - pad - bar - 12), f"{value:.2f}", fill=(0, 0, 0))
+    draw.text((x0, height - pad + 4), label, fill=(0, 0, 0))
+  canvas.save(path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  import numpy as np
+  from PIL import Image
+
+  from ecdit_jax.diffusion.samplers import sampling_timesteps
+  from ecdit_jax.eval import routing
+  from ecdit_jax.train.inference import load_run, read_prompts
+  from ecdit_jax.train.sampling import to_uint8, write_pngs
+
+  if os.path.isdir(FLAGS.outdir) and os.listdir(FLAGS.outdir):
+    raise app.UsageError(f"--outdir={FLAGS.outdir} is not empty; refusing to overwrite")
+  prompts = read_prompts(FLAGS.prompts) if FLAGS.prompts else _default_prompts(FLAGS.num_prompts)
+  run = load_run(FLAGS.workdir)
+  mc = run.model_config
+  steps = FLAGS.steps or run.config.sample.num_steps
+  cfg_scale = run.config.sample.cfg_scale if FLAGS.cfg_scale is None else FLAGS.cfg_scale
+  shape = (mc.image_size, mc.image_size, mc.in_channels)
+  key = jax.random.key(FLAGS.seed)
+  noise = np.stack([jax.random.normal(jax.random.fold_in(key, i), shape)
+                    for i in range(len(prompts))])  # the sample CLI's noise for image i
+  tokens = run.tokenizer.encode_batch(prompts, mc.text_max_len)
+  images, counts = routing.record_routing(
+      run.graphdef, run.params, tokens, run.null_tokens, noise, num_steps=steps,
+      cfg_scale=cfg_scale, capacity_factor=FLAGS.capacity_factor)
+  images = to_uint8(images)
+  mask = routing.object_token_mask(images, mc.patch_size)
+  maps = routing.token_maps(counts, mc.grid_size)
+
+  write_pngs(images, os.path.join(FLAGS.outdir, "images"))
+  heat_dir = os.path.join(FLAGS.outdir, "heatmaps")
+  os.makedirs(heat_dir)
+  vmax = float(maps.max())
+  for i, (image, token_map) in enumerate(zip(images, maps)):
+    side = mc.image_size * SCALE
+    left = Image.fromarray(image).resize((side, side), Image.NEAREST)
+    right = Image.fromarray(_heat(token_map, vmax)).resize((side, side), Image.NEAREST)
+    pair = Image.new("RGB", (2 * side, side))
+    pair.paste(left, (0, 0))
+    pair.paste(right, (side, 0))
+    pair.save(os.path.join(heat_dir, f"{i:05d}.png"))
+  np.save(os.path.join(FLAGS.outdir, "counts.npy"), counts)
+  times = np.asarray(sampling_timesteps(steps))
+  result = routing.summary(counts, mask, times, mc.moe_layer_indices)
+  result.update(prompts=prompts, checkpoint_step=run.step, steps=steps, cfg_scale=cfg_scale,
+                seed=FLAGS.seed, capacity_factor=FLAGS.capacity_factor or mc.eval_capacity_factor)
+  with open(os.path.join(FLAGS.outdir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  by_step = result["experts_per_token_by_step"]
+  _bar_chart([r["mean"] for r in by_step], [f"{r['t']:.2f}" for r in by_step],
+             "experts per token vs t (1 = noise)", os.path.join(FLAGS.outdir,
+                                                                  "compute_by_step.png"))
+  by_layer = result["experts_per_token_by_layer"]
+  _bar_chart([r["mean"] for r in by_layer], [str(r["block"]) for r in by_layer],
+             "experts per token vs block", os.path.join(FLAGS.outdir, "compute_by_layer.png"))
+  ratio = result["object_over_background_compute"]
+  print(f"{len(prompts)} images, {steps} steps: object/background compute "
+        f"{'n/a' if ratio is None else f'{ratio:.3f}'}; written to {FLAGS.outdir}")
+
+
+if __name__ == "__main__":
+  app.run(main)

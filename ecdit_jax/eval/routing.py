@@ -1,0 +1,95 @@
+"""Where expert choice spends compute: experts per image token, by sampling step and MoE layer.
+
+``record_routing`` runs the same Euler sampler as generation (classifier-free guidance, the
+conditional and unconditional halves in one batch) step by step and keeps, from the conditional
+half, how many experts processed each token in each MoE layer. ``object_token_mask`` marks the
+tokens whose patch holds object pixels (GenEval-Shapes palette segmentation of the final image),
+so ``object_background_ratio`` compares compute on objects with compute on background (the paper
+reports that objects get more).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ecdit_jax.diffusion.samplers import sampling_timesteps
+from ecdit_jax.eval import geneval_shapes as scorer
+
+
+def record_routing(graphdef, params, tokens, null_tokens, noise, *, num_steps: int,
+                   cfg_scale: float, capacity_factor: float | None = None):
+  """Returns (images (B, H, W, C) float32, counts (steps, moe_layers, B, S) int32)."""
+
+  @jax.jit
+  def velocity_and_counts(params, x, t, context, lengths):
+    model = nnx.merge(graphdef, params)
+    velocity, aux = model.dit(x, t, context, lengths, train=False,
+                              capacity_factor=capacity_factor)
+    if "token_counts" not in aux:
+      raise ValueError("the model has no MoE layer: there is no routing to analyse")
+    return velocity, aux["token_counts"]
+
+  @jax.jit
+  def encode(params, tokens):
+    return nnx.merge(graphdef, params).encode_text(tokens)
+
+  batch = tokens.shape[0]
+  context, lengths = encode(params, jnp.concatenate(
+      [jnp.asarray(tokens), jnp.broadcast_to(null_tokens, tokens.shape)]))
+  times = np.asarray(sampling_timesteps(num_steps))
+  x = jnp.asarray(noise, jnp.float32)
+  counts = []
+  for step in range(num_steps):
+    t = jnp.full((2 * batch,), times[step], jnp.float32)
+    velocity, step_counts = velocity_and_counts(params, jnp.concatenate([x, x]), t, context,
+                                                lengths)
+    v_cond, v_uncond = velocity[:batch], velocity[batch:]
+    guided = (1 - cfg_scale) * v_uncond + cfg_scale * v_cond
+    x = x + (times[step + 1] - times[step]) * guided
+    counts.append(np.asarray(step_counts[:, :batch]))
+  return np.asarray(x), np.stack(counts)
+
+
+def object_token_mask(images_uint8: np.ndarray, patch_size: int) -> np.ndarray:
+  """(B, H, W, 3) uint8 -> (B, S) bool: the patch holds at least one object pixel."""
+  masks = []
+  for image in images_uint8:
+    on_object = scorer.segment(image) >= 0
+    h, w = on_object.shape
+    patches = on_object.reshape(h // patch_size, patch_size, w // patch_size, patch_size)
+    masks.append(patches.any(axis=(1, 3)).reshape(-1))
+  return np.stack(masks)
+
+
+def token_maps(counts: np.ndarray, grid_size: int) -> np.ndarray:
+  """(steps, layers, B, S) -> (B, grid, grid): experts per token averaged over steps, layers."""
+  mean = counts.astype(np.float64).mean(axis=(0, 1))
+  return mean.reshape(mean.shape[0], grid_size, grid_size)
+
+
+def object_background_ratio(counts: np.ndarray, object_mask: np.ndarray) -> float | None:
+  """Mean experts per object token over mean experts per background token (all steps, layers,
+  images); None when either region is empty."""
+  mean = counts.astype(np.float64).mean(axis=(0, 1))  # (B, S)
+  if not object_mask.any() or object_mask.all():
+    return None
+  return float(mean[object_mask].mean() / mean[~object_mask].mean())
+
+
+def summary(counts: np.ndarray, object_mask: np.ndarray, times: np.ndarray,
+            moe_layer_indices) -> dict:
+  """Mean experts per token by sampling step (with its t) and by layer, and the object ratio."""
+  counts = counts.astype(np.float64)
+  return {
+      "experts_per_token_by_step": [
+          {"step": i, "t": float(times[i]), "mean": float(counts[i].mean())}
+          for i in range(counts.shape[0])],
+      "experts_per_token_by_layer": [
+          {"block": int(block), "mean": float(counts[:, j].mean())}
+          for j, block in enumerate(moe_layer_indices)],
+      "object_token_fraction": float(object_mask.mean()),
+      "object_over_background_compute": object_background_ratio(counts, object_mask),
+  }
