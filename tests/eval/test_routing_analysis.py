@@ -9,6 +9,7 @@ from ecdit_jax.data import geneval_shapes as gen
 from ecdit_jax.eval import routing
 from ecdit_jax.model import ModelConfig, TextToImageDiT
 from ecdit_jax.model.config import expert_capacity
+from tests.model.model_testing import perturbed
 
 
 def _model():
@@ -18,11 +19,7 @@ def _model():
                        dtype="float32")
   model = TextToImageDiT(config, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(
-      treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-  return config, graphdef, params
+  return config, graphdef, perturbed(params)
 
 
 def test_recorded_counts_obey_expert_choice_and_vary_by_token():

@@ -1,5 +1,7 @@
 """Small model configurations shared by the model tests."""
 
+import jax
+
 from ecdit_jax.model import ModelConfig
 
 
@@ -10,3 +12,12 @@ def tiny_config(**overrides) -> ModelConfig:
               text_hidden_size=16, text_num_layers=1, text_num_heads=2, dtype="float32")
   base.update(overrides)
   return ModelConfig(**base)
+
+
+def perturbed(params, seed: int = 1, scale: float = 0.05):
+  """Params plus small noise: zero-initialised branches (adaLN-Zero gates, cross-attention and
+  final projections) become live, so that a check exercises every path of the model."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(
+      treedef, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])

@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from ecdit_jax.model import ModelConfig, TextToImageDiT
 from ecdit_jax.parallel import mesh as mesh_lib
+from tests.model.model_testing import perturbed
 
 
 def test_mesh_shape_fills_one_axis_and_names_bad_keys():
@@ -43,11 +44,7 @@ def test_sharded_forward_equals_unsharded(sizes):
                        dtype="float32")
   model = TextToImageDiT(config, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  # Perturb the zero-initialised weights so that every branch contributes.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(
-      treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  params = perturbed(params)
   k1, k2 = jax.random.split(jax.random.key(2))
   x = jax.random.normal(k1, (8, 16, 16, 3))
   t = jax.random.uniform(k2, (8,))

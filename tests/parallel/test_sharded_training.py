@@ -14,6 +14,7 @@ from ecdit_jax.train.optimizer import make_optimizer
 from ecdit_jax.train.state import create_train_state
 from ecdit_jax.train.step import make_loss_fn, make_train_step
 
+from tests.model.model_testing import perturbed
 from tests.train.train_testing import tiny_train_config
 
 MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 4},
@@ -39,14 +40,6 @@ def _null(model_config):
   return null
 
 
-def _perturbed(params):
-  """Zero-initialised branches (adaLN-Zero, cross-attention out) made live for the check."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree.unflatten(
-      treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-
 def _run(config, mesh, batches):
   """Gradients at the first batch and the losses/params of three steps, on ``mesh`` or on one
   device when ``mesh`` is None."""
@@ -59,7 +52,7 @@ def _run(config, mesh, batches):
   else:
     graphdef, state, shardings = sharding.init_train_state(model_config, optimizer, config.seed,
                                                            mesh)
-  state = state.replace(params=_perturbed(state.params))
+  state = state.replace(params=perturbed(state.params))
   loss_fn = make_loss_fn(graphdef, model_config, config, null, masked=True)
   grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
   step_fn = make_train_step(graphdef, model_config, config, optimizer, null, masked=True)
@@ -120,7 +113,7 @@ def test_expert_parallel_layer_pads_groups_that_do_not_divide():
   config = _config()
   model_config = ModelConfig.from_mapping(config.model)
   graphdef, state = create_train_state(model_config, make_optimizer(config), 0)
-  params = _perturbed(state.params)
+  params = perturbed(state.params)
   x = jax.random.normal(jax.random.key(3), (6, 16, 16, 3))
   t = jax.random.uniform(jax.random.key(4), (6,))
   tokens = jnp.tile(jnp.array([[5, 6, 7, 1] + [0] * 8]), (6, 1))
