@@ -68,7 +68,10 @@ class Tokenizer:
     if max_len < 1:
       raise ValueError(f"max_len must be at least 1 (room for eos), got {max_len}")
     tokens = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
-    for row, ids in enumerate(self._processor.encode(list(texts))):
+    # One string at a time: sentencepiece's list form starts a thread pool per call, which
+    # costs ~0.1 ms on 2 cores and ~1 ms on 16, against ~2 us for a short caption alone.
+    for row, text in enumerate(texts):
+      ids = self._processor.encode(text)
       ids = list(ids[: max_len - 1]) + [self.eos_id]
       tokens[row, : len(ids)] = ids
     return tokens
