@@ -1,0 +1,1 @@
+"""Pretrained networks used by evaluation, and loaders for their published weights."""
