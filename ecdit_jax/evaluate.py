@@ -55,6 +55,8 @@ flags.DEFINE_string("reference_stats", None, "FID: .npz cache of the real images
                     "read if it exists, else written.")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir of --reference (default: the run's).")
 flags.DEFINE_integer("num_images", 1000, "FID/CLIP: images generated (one per caption).")
+flags.DEFINE_string("mesh", "", "Sample on a device mesh, e.g. 'expert=2,fsdp=2' (axes left "
+                    "out are 1; data fills the rest). Empty: one device.")
 flags.mark_flags_as_required(["workdir"])
 
 SUPPORTED = ("geneval_shapes", "fid", "clip")
@@ -64,13 +66,15 @@ def evaluate_geneval_shapes(run, *, num_per_category, capacity_factor, steps, cf
                             batch_size):
   """Samples the standard prompts and scores them; returns the scorer's summary."""
   from ecdit_jax.train.geneval import geneval_shapes_score
-  from ecdit_jax.train.sampling import make_sampler
+  from ecdit_jax.train.inference import make_run_sampler, on_mesh
 
-  sampler = make_sampler(run.graphdef, run.model_config, num_steps=steps, cfg_scale=cfg_scale,
-                         method=run.config.sample.method, capacity_factor=capacity_factor)
-  return geneval_shapes_score(sampler, run.params, run.tokenizer, run.null_tokens,
-                              run.model_config.text_max_len, num_per_category=num_per_category,
-                              seed=seed, batch_size=batch_size)
+  sampler = make_run_sampler(run, num_steps=steps, cfg_scale=cfg_scale,
+                             method=run.config.sample.method, capacity_factor=capacity_factor)
+  with on_mesh(run):
+    return geneval_shapes_score(sampler, run.params, run.tokenizer, run.null_tokens,
+                                run.model_config.text_max_len,
+                                num_per_category=num_per_category, seed=seed,
+                                batch_size=batch_size)
 
 
 def flops_report(model_config, *, capacity_factor, num_steps, method) -> dict:
@@ -130,7 +134,7 @@ def run_geneval_shapes(run, steps: int) -> None:
 def run_fid_clip(run, steps: int, wanted: set[str]) -> None:
   """FID and/or CLIP score of ``--num_images`` images generated from the reference captions."""
   from ecdit_jax.train import image_metrics
-  from ecdit_jax.train.sampling import make_sampler
+  from ecdit_jax.train.inference import make_run_sampler, on_mesh
 
   reference = image_metrics.reference_dataset(run.config, FLAGS.reference, FLAGS.data_dir)
   captions = image_metrics.reference_captions(reference, FLAGS.num_images)
@@ -146,10 +150,11 @@ def run_fid_clip(run, steps: int, wanted: set[str]) -> None:
     metric_models.update(clip_model=load_clip(FLAGS.clip_weights),
                          clip_tokenizer=load_clip_tokenizer(FLAGS.clip_weights))
   cfg_scale = run.config.sample.cfg_scale if FLAGS.cfg_scale is None else FLAGS.cfg_scale
-  sampler = make_sampler(run.graphdef, run.model_config, num_steps=steps, cfg_scale=cfg_scale,
-                         method=run.config.sample.method)
-  results = image_metrics.fid_and_clip(run, sampler, captions, seed=FLAGS.seed,
-                                       batch_size=FLAGS.batch_size, **metric_models)
+  sampler = make_run_sampler(run, num_steps=steps, cfg_scale=cfg_scale,
+                             method=run.config.sample.method)
+  with on_mesh(run):
+    results = image_metrics.fid_and_clip(run, sampler, captions, seed=FLAGS.seed,
+                                         batch_size=FLAGS.batch_size, **metric_models)
   metrics = "_".join(m for m in ("fid", "clip") if m in wanted)
   name = (f"{metrics}_step{run.step}_n{len(captions)}_seed{FLAGS.seed}_cfg{cfg_scale}"
           f"{'' if FLAGS.use_ema else '_raw'}.json")
@@ -182,9 +187,13 @@ def main(argv):
   if FLAGS.num_images < 2:
     raise app.UsageError(f"--num_images={FLAGS.num_images}: FID needs at least 2 images")
   logging.set_verbosity(logging.WARNING)
-  from ecdit_jax.train.inference import load_run  # after flag parsing: keeps --help fast
+  from ecdit_jax.train import inference  # after flag parsing: keeps --help fast
 
-  run = load_run(FLAGS.workdir, use_ema=FLAGS.use_ema)
+  try:
+    run = inference.load_run(FLAGS.workdir, use_ema=FLAGS.use_ema,
+                             mesh_sizes=inference.parse_mesh(FLAGS.mesh))
+  except ValueError as e:  # a mesh that does not fit the devices or the model
+    raise app.UsageError(str(e)) from e
   steps = FLAGS.steps or run.config.sample.num_steps
   if "geneval_shapes" in wanted:
     run_geneval_shapes(run, steps)

@@ -2,24 +2,31 @@
 
 Two sources: a training workdir (the latest or a chosen checkpoint, EMA or raw parameters), or
 a directory written by ``python -m ecdit_jax.export`` (one set of parameters, no optimizer
-state). ``load_run`` tells them apart by the export's ``export.json``.
+state). ``load_run`` tells them apart by the export's ``export.json``. Given a mesh, the
+parameters are restored straight into their shards (FSDP / expert parallel), so a model too
+large for one device can still sample; ``make_run_sampler`` then samples on that mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
 from ecdit_jax.data.tokenizer import Tokenizer, load_tokenizer
-from ecdit_jax.model import ModelConfig
+from ecdit_jax.model import ConfigError, ModelConfig
+from ecdit_jax.parallel import mesh as mesh_lib
+from ecdit_jax.train import sharding
 from ecdit_jax.train.checkpoint import Checkpointer
 from ecdit_jax.train.input_pipeline import TOKENIZER_FILE, null_tokens
 from ecdit_jax.train.optimizer import make_optimizer
+from ecdit_jax.train.sampling import make_sampler
 from ecdit_jax.train.state import abstract_train_state
 
 
@@ -32,6 +39,8 @@ class TrainedRun:
   step: int
   tokenizer: Tokenizer
   null_tokens: object
+  mesh: object = None  # the jax Mesh the parameters are laid out on; None: one device
+  param_shardings: object = None
 
 
 EXPORT_INFO = "export.json"
@@ -42,25 +51,66 @@ def is_export(path: str) -> bool:
   return (epath.Path(path) / EXPORT_INFO).exists()
 
 
-def _load_export(path: str) -> TrainedRun:
+def parse_mesh(text: str) -> dict[str, int] | None:
+  """``"expert=2,fsdp=2"`` -> mesh sizes (axes left out are 1, ``data`` fills the rest unless
+  given); ``""`` -> None (one device)."""
+  if not text:
+    return None
+  sizes = {axis: 1 for axis in mesh_lib.MESH_AXES}
+  sizes["data"] = -1
+  for item in text.split(","):
+    axis, _, value = item.partition("=")
+    axis = axis.strip()
+    if axis not in mesh_lib.MESH_AXES or not value.strip().lstrip("-").isdigit():
+      raise ConfigError(f"--mesh={text!r}: expected axis=size pairs over {mesh_lib.MESH_AXES}")
+    sizes[axis] = int(value)
+  return sizes
+
+
+def make_mesh(sizes: dict[str, int] | None, model_config: ModelConfig):
+  """The inference mesh for ``sizes`` (None -> None), checked against the model."""
+  if sizes is None:
+    return None
+  try:
+    mesh = mesh_lib.create_mesh(sizes)
+  except mesh_lib.MeshConfigError as e:
+    raise ConfigError(f"--mesh={sizes}: {e}") from e
+  experts = mesh.shape["expert"]
+  if experts > 1 and model_config.num_experts % experts:
+    raise ConfigError(f"--mesh: expert={experts} must divide the model's "
+                      f"num_experts={model_config.num_experts}")
+  return mesh
+
+
+def _load_export(path: str, mesh_sizes) -> TrainedRun:
   root = epath.Path(path)
   info = json.loads((root / EXPORT_INFO).read_text())
   config = ml_collections.ConfigDict(json.loads((root / "config.json").read_text()))
   model_config = ModelConfig.from_mapping(config.model)
   graphdef, abstract = abstract_train_state(model_config, make_optimizer(config), config.seed)
+  mesh = make_mesh(mesh_sizes, model_config)
+  target, param_shardings = abstract.params, None
+  if mesh is not None:
+    param_shardings = sharding.param_shardings(model_config, mesh)
+    target = sharding.with_shardings(abstract.params, param_shardings)
   with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(root.absolute() / EXPORT_PARAMS, abstract.params)
+    params = checkpointer.restore(root.absolute() / EXPORT_PARAMS, target)
   tokenizer = load_tokenizer(root / TOKENIZER_FILE)
   return TrainedRun(config=config, model_config=model_config, graphdef=graphdef, params=params,
                     step=int(info["step"]), tokenizer=tokenizer,
-                    null_tokens=null_tokens(tokenizer, model_config.text_max_len))
+                    null_tokens=null_tokens(tokenizer, model_config.text_max_len), mesh=mesh,
+                    param_shardings=param_shardings)
 
 
-def load_run(workdir: str, *, step: int | None = None, use_ema: bool = True) -> TrainedRun:
+def load_run(workdir: str, *, step: int | None = None, use_ema: bool = True,
+             mesh_sizes: dict[str, int] | None = None) -> TrainedRun:
   """The parameters of ``step`` (default: the latest checkpoint) of the run in ``workdir``, or
-  those of an exported directory (``step`` must then be None or the exported step)."""
+  those of an exported directory (``step`` must then be None or the exported step).
+
+  With ``mesh_sizes`` (see ``parse_mesh``) the parameters are restored into their shards on
+  that mesh."""
   if is_export(workdir):
-    run = _load_export(workdir)
+    run = _load_export(workdir, mesh_sizes)
     if step is not None and step != run.step:
       raise ValueError(f"{workdir} is an export of step {run.step}, not step {step}")
     return run
@@ -72,14 +122,34 @@ def load_run(workdir: str, *, step: int | None = None, use_ema: bool = True) -> 
     config = ml_collections.ConfigDict(checkpointer.restore_config(step))
     model_config = ModelConfig.from_mapping(config.model)
     graphdef, abstract = abstract_train_state(model_config, make_optimizer(config), config.seed)
+    mesh = make_mesh(mesh_sizes, model_config)
+    shardings = None
+    if mesh is not None:
+      shardings = sharding.state_shardings(abstract, model_config, mesh)
+      abstract = sharding.with_shardings(abstract, shardings)
     state = checkpointer.restore(step, abstract)
   finally:
     checkpointer.close()
   tokenizer = load_tokenizer(epath.Path(workdir) / TOKENIZER_FILE)
+  param_shardings = None
+  if shardings is not None:
+    param_shardings = shardings.ema_params if use_ema else shardings.params
   return TrainedRun(config=config, model_config=model_config, graphdef=graphdef,
                     params=state.ema_params if use_ema else state.params, step=step,
                     tokenizer=tokenizer,
-                    null_tokens=null_tokens(tokenizer, model_config.text_max_len))
+                    null_tokens=null_tokens(tokenizer, model_config.text_max_len), mesh=mesh,
+                    param_shardings=param_shardings)
+
+
+def make_run_sampler(run: TrainedRun, **kwargs):
+  """``make_sampler`` for the run's parameters, on its mesh when it has one."""
+  return make_sampler(run.graphdef, run.model_config, param_shardings=run.param_shardings,
+                      mesh=run.mesh, **kwargs)
+
+
+def on_mesh(run: TrainedRun):
+  """The context to call a run's sampler in: ``jax.set_mesh`` of its mesh, or nothing."""
+  return contextlib.nullcontext() if run.mesh is None else jax.set_mesh(run.mesh)
 
 
 def read_prompts(path: str) -> list[str]:

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 from PIL import Image
 
+from ecdit_jax.train import inference
 from ecdit_jax.train.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -90,6 +92,20 @@ def test_train_then_sample(data_dir, tmp_path):
                 f"--outdir={alone}", "--steps=3", "--seed=1"])
   assert result.returncode == 0, result.stderr[-3000:]
   np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(alone, "00000.png"))), first)
+  # On a mesh (8 simulated devices: experts over 2, FSDP over 2, data over 2) the parameters
+  # are restored in shards and the images are those of one device, up to rounding.
+  on_mesh = str(tmp_path / "on_mesh")
+  result = run(["ecdit_jax.sample", f"--workdir={workdir}", f"--prompts={prompts}",
+                f"--outdir={on_mesh}", "--steps=3", "--seed=1", "--mesh=expert=2,fsdp=2"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = np.asarray(Image.open(os.path.join(on_mesh, "00000.png")), np.int32)
+  assert np.abs(got - first.astype(np.int32)).max() <= 1
+  sharded = inference.load_run(workdir, mesh_sizes=inference.parse_mesh("expert=2,fsdp=2"))
+  specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(sharded.params)}
+  assert any("expert" in spec for spec in specs) and any("fsdp" in spec for spec in specs)
+  result = run(["ecdit_jax.sample", f"--workdir={workdir}", f"--prompts={prompts}",
+                f"--outdir={tmp_path / 'bad_mesh'}", "--mesh=expert=3"])
+  assert result.returncode != 0 and "--mesh" in result.stderr
   # The GenEval-Shapes evaluation at two inference capacities.
   result = run(["ecdit_jax.evaluate", f"--workdir={workdir}", "--num_per_category=2",
                 "--capacity_factors=1,2", "--steps=2"])
