@@ -17,6 +17,7 @@ TF32, which moves embeddings by about 1e-3 relative to the float32 reference.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -28,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
-from safetensors.numpy import load_file
 
+from ecdit_jax.encoders.safetensors_weights import SafetensorsReader, config_file, load_parameters
 from ecdit_jax.model.keys import ParamKeys
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -310,49 +311,6 @@ class ClipModel(nnx.Module):
     return self.visual_projection(self.vision_model(pixel_values))
 
 
-def _checkpoint_key(path: Sequence) -> str:
-  *modules, leaf = (str(part) for part in path)
-  leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
-  return ".".join([*modules, leaf])
-
-
-def _checkpoint_axes(leaf: str, ndim: int) -> tuple[int, ...]:
-  """For each axis of our parameter, its axis in the checkpoint.
-
-  PyTorch stores Linear weights as (out, in) and Conv weights as (out, in, h, w); ours are
-  (in, out) and (h, w, in, out).
-  """
-  if leaf == "kernel" and ndim == 2:
-    return (1, 0)
-  if leaf == "kernel" and ndim == 4:
-    return (2, 3, 1, 0)
-  return tuple(range(ndim))
-
-
-def _read_safetensors(model_dir: str) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
-  """All tensors, the file each came from, and the file (or index) that should list every key."""
-  single = os.path.join(model_dir, "model.safetensors")
-  index = os.path.join(model_dir, "model.safetensors.index.json")
-  if os.path.isfile(single):
-    files, listing = [single], single
-  elif os.path.isfile(index):
-    with open(index, encoding="utf-8") as f:
-      weight_map = json.load(f)["weight_map"]
-    files = [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
-    listing = index
-  else:
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in "
-                            f"{model_dir}")
-  tensors, source = {}, {}
-  for file in files:
-    if not os.path.isfile(file):
-      raise FileNotFoundError(f"checkpoint shard not found: {file}")
-    for key, value in load_file(file).items():
-      tensors[key] = value
-      source[key] = file
-  return tensors, source, listing
-
-
 def load_clip(model_dir: str | os.PathLike, *,
               precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST) -> ClipModel:
   """A ``ClipModel`` from a Hugging Face ``CLIPModel`` directory (config.json + safetensors).
@@ -361,30 +319,11 @@ def load_clip(model_dir: str | os.PathLike, *,
   the wrong shape raises, naming the key and the file.
   """
   model_dir = os.fspath(model_dir)
-  if not os.path.isdir(model_dir):
-    raise FileNotFoundError(f"CLIP model directory not found: {model_dir}")
-  config_file = os.path.join(model_dir, "config.json")
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"CLIP config not found: {config_file}")
-  config = ClipConfig.from_json_file(config_file)
-  tensors, source, listing = _read_safetensors(model_dir)
-
+  config = ClipConfig.from_json_file(config_file(model_dir, "CLIP"))
   # Built abstractly: nothing is initialised only to be overwritten.
   abstract = nnx.eval_shape(lambda: ClipModel(config, rngs=ParamKeys(0), precision=precision))
-  graphdef, abstract_state = nnx.split(abstract)
-  loaded = []
-  for path, variable in nnx.to_flat_state(abstract_state):
-    key, leaf = _checkpoint_key(path), str(path[-1])
-    if key not in tensors:
-      raise KeyError(f"parameter {key} is missing from {listing}")
-    array, axes = tensors[key], _checkpoint_axes(leaf, len(variable.shape))
-    expected = tuple(variable.shape[axes.index(axis)] for axis in range(len(axes)))
-    if tuple(array.shape) != expected:
-      raise ValueError(f"parameter {key} in {source[key]} has shape {tuple(array.shape)}, "
-                       f"expected {expected}")
-    array = np.asarray(array, dtype=np.float32).transpose(axes)
-    loaded.append((path, variable.replace(jnp.asarray(array))))
-  return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+  with contextlib.closing(SafetensorsReader(model_dir)) as reader:
+    return load_parameters(abstract, reader)
 
 
 def _resize_and_crop(image: np.ndarray, image_size: int) -> np.ndarray:

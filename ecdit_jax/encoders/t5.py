@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import os
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +35,9 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bfloat16 che
 import numpy as np
 from etils import epath
 from flax import nnx
-from safetensors import safe_open
 
 from ecdit_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer, load_tokenizer
+from ecdit_jax.encoders.safetensors_weights import SafetensorsReader, config_file, load_parameters
 from ecdit_jax.model.keys import ParamKeys
 
 ACTIVATIONS = {
@@ -284,62 +283,6 @@ class T5Encoder(nnx.Module):
     return self.encoder(self.shared(jnp.asarray(input_ids)), mask)
 
 
-def _checkpoint_key(path: Sequence) -> str:
-  *modules, leaf = (str(part) for part in path)
-  leaf = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
-  return ".".join([*modules, leaf])
-
-
-class _SafetensorsReader:
-  """Single tensors from ``model.safetensors`` or the shards of its index, read on demand.
-
-  Only the files that hold wanted keys are opened, and only wanted tensors are read: a full
-  encoder-decoder checkpoint is about twice the size of the encoder.
-  """
-
-  def __init__(self, model_dir: str):
-    single = os.path.join(model_dir, "model.safetensors")
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    self._stack = contextlib.ExitStack()
-    self._handles = {}
-    if os.path.isfile(single):
-      self.listing = single
-      self._file_of = dict.fromkeys(self._open(single)[1], single)
-    elif os.path.isfile(index):
-      self.listing = index
-      with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
-      self._file_of = {key: os.path.join(model_dir, name) for key, name in weight_map.items()}
-    else:
-      raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in "
-                              f"{model_dir}")
-
-  def _open(self, file: str):
-    if file not in self._handles:
-      if not os.path.isfile(file):
-        raise FileNotFoundError(f"checkpoint shard not found: {file}")
-      handle = self._stack.enter_context(safe_open(file, framework="np"))
-      self._handles[file] = handle, set(handle.keys())
-    return self._handles[file]
-
-  def __contains__(self, key: str) -> bool:
-    return key in self._file_of
-
-  def read(self, key: str, expected_shape: tuple[int, ...]) -> np.ndarray:
-    file = self._file_of[key]
-    handle, keys = self._open(file)
-    if key not in keys:
-      raise KeyError(f"parameter {key} is listed in {self.listing} but missing from {file}")
-    shape = tuple(handle.get_slice(key).get_shape())
-    if shape != expected_shape:
-      raise ValueError(f"parameter {key} in {file} has shape {shape}, expected "
-                       f"{expected_shape}")
-    return handle.get_tensor(key)
-
-  def close(self):
-    self._stack.close()
-
-
 def load_t5_encoder(model_dir: str | os.PathLike, *,
                     precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST
                     ) -> T5Encoder:
@@ -350,30 +293,21 @@ def load_t5_encoder(model_dir: str | os.PathLike, *,
   raises, naming the key and the file.
   """
   model_dir = os.fspath(model_dir)
-  if not os.path.isdir(model_dir):
-    raise FileNotFoundError(f"T5 model directory not found: {model_dir}")
-  config_file = os.path.join(model_dir, "config.json")
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"T5 config not found: {config_file}")
-  config = T5Config.from_json_file(config_file)
+  config = T5Config.from_json_file(config_file(model_dir, "T5"))
 
   # Built abstractly: nothing is initialised only to be overwritten.
   abstract = nnx.eval_shape(lambda: T5Encoder(config, rngs=ParamKeys(0), precision=precision))
-  graphdef, abstract_state = nnx.split(abstract)
-  loaded = []
-  with contextlib.closing(_SafetensorsReader(model_dir)) as reader:
-    for path, variable in nnx.to_flat_state(abstract_state):
-      key = _checkpoint_key(path)
-      names = _EMBEDDING_KEYS if key == _EMBEDDING_KEYS[0] else (key,)
-      found = [name for name in names if name in reader]
-      if not found:
-        raise KeyError(f"parameter {' or '.join(names)} is missing from {reader.listing}")
-      # PyTorch stores Linear weights as (out, in); ours are (in, out).
-      transpose = str(path[-1]) == "kernel"
-      shape = tuple(variable.shape[::-1] if transpose else variable.shape)
-      array = np.asarray(reader.read(found[0], shape), dtype=np.float32)
-      loaded.append((path, variable.replace(jnp.asarray(array.T if transpose else array))))
-  return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+  def stored_key(key: str) -> str:
+    # The token embedding is "shared" (tied with the decoder), or the encoder's own copy.
+    names = _EMBEDDING_KEYS if key == _EMBEDDING_KEYS[0] else (key,)
+    found = [name for name in names if name in reader]
+    if not found:
+      raise KeyError(f"parameter {' or '.join(names)} is missing from {reader.listing}")
+    return found[0]
+
+  with contextlib.closing(SafetensorsReader(model_dir)) as reader:
+    return load_parameters(abstract, reader, stored_key=stored_key)
 
 
 def load_t5_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -13,6 +13,7 @@ which moves decoded pixels by about 1e-3.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,10 +21,9 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
 
+from ecdit_jax.encoders.safetensors_weights import SafetensorsReader, config_file, load_parameters
 from ecdit_jax.encoders.vae_blocks import Decoder, Encoder, conv
 from ecdit_jax.model.keys import ParamKeys
 
@@ -165,63 +165,18 @@ class AutoencoderKL(nnx.Module):
     return self.decoder(z)
 
 
-def _checkpoint_key(path) -> str:
-  *modules, leaf = (str(part) for part in path)
-  leaf = {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
-  return ".".join([*modules, leaf])
-
-
-def _checkpoint_axes(leaf: str, ndim: int) -> tuple[int, ...]:
-  """For each axis of our parameter, its axis in the checkpoint.
-
-  PyTorch stores Linear weights as (out, in) and Conv weights as (out, in, h, w); ours are
-  (in, out) and (h, w, in, out).
-  """
-  if leaf == "kernel" and ndim == 2:
-    return (1, 0)
-  if leaf == "kernel" and ndim == 4:
-    return (2, 3, 1, 0)
-  return tuple(range(ndim))
-
-
-def _read_safetensors(model_dir: str) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
-  """All tensors, the file each came from, and the file (or index) that should list every key."""
-  for name in WEIGHT_FILE_NAMES:
-    single, index = os.path.join(model_dir, name), os.path.join(model_dir, name + ".index.json")
-    if os.path.isfile(single):
-      files, listing = [single], single
-      break
-    if os.path.isfile(index):
-      with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
-      files = [os.path.join(model_dir, shard) for shard in sorted(set(weight_map.values()))]
-      listing = index
-      break
-  else:
-    wanted = " or ".join(f"{name}[.index.json]" for name in WEIGHT_FILE_NAMES)
-    raise FileNotFoundError(f"no {wanted} in {model_dir}")
-  tensors, source = {}, {}
-  for file in files:
-    if not os.path.isfile(file):
-      raise FileNotFoundError(f"checkpoint shard not found: {file}")
-    for key, value in load_file(file).items():
-      tensors[key] = value
-      source[key] = file
-  return tensors, source, listing
-
-
-def _stored_key(key: str, tensors: dict, listing: str) -> str:
+def _stored_key(key: str, reader: SafetensorsReader) -> str:
   """The checkpoint key holding parameter ``key``, which may use the legacy attention names."""
-  if key in tensors:
+  if key in reader:
     return key
   match = _ATTENTION_KEY.match(key)
   if match:
     prefix, name, leaf = match.groups()
     legacy = prefix + LEGACY_ATTENTION_NAMES[name] + leaf
-    if legacy in tensors:
+    if legacy in reader:
       return legacy
-  message = f"parameter {key} is missing from {listing}"
-  if any(stored.startswith(_LDM_PREFIXES) for stored in tensors):
+  message = f"parameter {key} is missing from {reader.listing}"
+  if any(stored.startswith(_LDM_PREFIXES) for stored in reader.keys()):
     message += ("; its keys follow the original latent-diffusion layout (encoder.down.N.block...), "
                 "which must be converted to the diffusers layout first")
   raise KeyError(message)
@@ -236,29 +191,9 @@ def load_vae(model_dir: str | os.PathLike, *,
   raises, naming the key and the file.
   """
   model_dir = os.fspath(model_dir)
-  if not os.path.isdir(model_dir):
-    raise FileNotFoundError(f"VAE model directory not found: {model_dir}")
-  config_file = os.path.join(model_dir, "config.json")
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"VAE config not found: {config_file}")
-  config = AutoencoderKLConfig.from_json_file(config_file)
-  tensors, source, listing = _read_safetensors(model_dir)
-
+  config = AutoencoderKLConfig.from_json_file(config_file(model_dir, "VAE"))
   # Built abstractly: nothing is initialised only to be overwritten.
   abstract = nnx.eval_shape(
       lambda: AutoencoderKL(config, rngs=ParamKeys(0), precision=precision))
-  graphdef, abstract_state = nnx.split(abstract)
-  loaded = []
-  for path, variable in nnx.to_flat_state(abstract_state):
-    key, leaf = _stored_key(_checkpoint_key(path), tensors, listing), str(path[-1])
-    array, axes = tensors[key], _checkpoint_axes(leaf, len(variable.shape))
-    expected = tuple(variable.shape[axes.index(axis)] for axis in range(len(axes)))
-    if len(expected) == 2 and tuple(array.shape) == (*expected, 1, 1):
-      # Some converted checkpoints store the attention projections as 1x1 convs.
-      array = array.reshape(expected)
-    if tuple(array.shape) != expected:
-      raise ValueError(f"parameter {key} in {source[key]} has shape {tuple(array.shape)}, "
-                       f"expected {expected}")
-    array = np.asarray(array, dtype=np.float32).transpose(axes)
-    loaded.append((path, variable.replace(jnp.asarray(array))))
-  return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+  with contextlib.closing(SafetensorsReader(model_dir, WEIGHT_FILE_NAMES)) as reader:
+    return load_parameters(abstract, reader, stored_key=lambda key: _stored_key(key, reader))
