@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from ecdit_jax.encoders import clip_tokenizer
@@ -90,3 +91,23 @@ def pytorch_fid_features(network, images_uint8):
     unit = torch.from_numpy(images_uint8).float().div(255.0).permute(0, 3, 1, 2)
     (pool3,) = network(unit)
   return pool3[:, :, 0, 0].double().numpy()
+
+
+def transformers_clip_cosines(hf_model, pixels, ids, mask):
+  """Cosine of each image with its caption under a transformers CLIPModel, (N,) numpy.
+
+  ``pixels`` are preprocessed (N, H, W, 3) floats; ``ids``/``mask`` the tokenized captions.
+  """
+  import torch
+
+  with torch.no_grad():
+    image = hf_model.get_image_features(
+        pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
+    text = hf_model.get_text_features(input_ids=torch.from_numpy(ids).long(),
+                                      attention_mask=torch.from_numpy(mask).long())
+  features = []
+  for output in (image, text):
+    # Newer transformers return a model output rather than a tensor here.
+    output = output if isinstance(output, torch.Tensor) else output.pooler_output
+    features.append(torch.nn.functional.normalize(output, dim=-1).numpy())
+  return np.sum(features[0] * features[1], axis=-1)

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from ecdit_jax.encoders import clip, clip_tokenizer
 from ecdit_jax.eval.clip_score import clip_score
-from tests.eval.reference_models import write_clip_tokenizer_dir
+from tests.eval.reference_models import transformers_clip_cosines, write_clip_tokenizer_dir
 
 MAX_LENGTH = 16
 IMAGE_SIZE = 32
@@ -40,16 +40,7 @@ def scoring_setup(tmp_path_factory):
   images = rng.integers(0, 256, size=(len(CAPTIONS), 40, 48, 3), dtype=np.uint8)
   pixels = clip.preprocess_images(images, IMAGE_SIZE)
   ids, mask = tokenizer.encode_batch(CAPTIONS, MAX_LENGTH)
-  with torch.no_grad():
-    image_features = hf_model.get_image_features(
-        pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
-    text_features = hf_model.get_text_features(input_ids=torch.from_numpy(ids).long(),
-                                               attention_mask=torch.from_numpy(mask).long())
-  features = []
-  for output in (image_features, text_features):
-    output = output if isinstance(output, torch.Tensor) else output.pooler_output
-    features.append(torch.nn.functional.normalize(output, dim=-1).numpy())
-  cosines = np.sum(features[0] * features[1], axis=-1)
+  cosines = transformers_clip_cosines(hf_model, pixels, ids, mask)
   return clip.load_clip(model_dir), model_dir, tokenizer, images, cosines
 
 

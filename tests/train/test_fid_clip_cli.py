@@ -16,8 +16,12 @@ from PIL import Image
 
 from ecdit_jax.data import geneval_shapes_tfds
 from ecdit_jax.encoders import clip, clip_tokenizer
-from tests.eval.reference_models import (pytorch_fid_features, save_random_fid_inception,
-                                         write_clip_tokenizer_dir)
+from tests.eval.reference_models import (
+  pytorch_fid_features,
+  save_random_fid_inception,
+  transformers_clip_cosines,
+  write_clip_tokenizer_dir,
+)
 from tests.train.test_cli import TINY, run
 
 NUM_IMAGES = 10
@@ -91,16 +95,8 @@ def test_fid_and_clip_match_reference_implementations(data_dir, tmp_path):
 
   pixels = clip.preprocess_images(fake, 32)
   ids, mask = tokenizer.encode_batch(captions, 32)
-  with torch.no_grad():
-    image = hf_clip.get_image_features(
-        pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
-    text = hf_clip.get_text_features(input_ids=torch.from_numpy(ids).long(),
-                                     attention_mask=torch.from_numpy(mask).long())
-  features = []
-  for output in (image, text):
-    output = output if isinstance(output, torch.Tensor) else output.pooler_output
-    features.append(torch.nn.functional.normalize(output, dim=-1).numpy())
-  want_clip = np.mean(100 * np.maximum(np.sum(features[0] * features[1], axis=-1), 0))
+  cosines = transformers_clip_cosines(hf_clip, pixels, ids, mask)
+  want_clip = np.mean(100 * np.maximum(cosines, 0))
   np.testing.assert_allclose(got["clip_score"], want_clip, rtol=1e-4)
 
   # The cached reference statistics are read, not rewritten, and give the same FID.
