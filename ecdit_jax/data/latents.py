@@ -1,0 +1,138 @@
+"""On-disk format of precomputed VAE latents (written by ``ecdit_jax.precompute``).
+
+A latent directory holds ArrayRecord files ``latents-PPPPP-of-NNNNN-CCCCC.array_record`` (chunk
+C written by process P of N). Each record is ``flax.serialization.msgpack_serialize`` of
+``{"latent": float32 (h, w, C), "caption": str}``. A chunk is complete only once its empty
+``<chunk>.done`` marker exists: the marker is written after the writer is closed, so a chunk
+interrupted mid-write has none and is rewritten on resume. ``info.json`` (written by process 0)
+records the latent shape and dtype, the counts and what the latents were computed from.
+
+Only numpy, PIL, array_record and flax.serialization are used: the data package must not depend
+on the model or the encoders.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flax import serialization
+from PIL import Image
+
+INFO_FILE = "info.json"
+DONE_SUFFIX = ".done"
+_CHUNK_RE = re.compile(r"^latents-\d{5}-of-\d{5}-\d{5}\.array_record$")
+
+
+def chunk_path(directory: str, process_index: int, process_count: int, chunk: int) -> str:
+  """The file of chunk ``chunk`` of process ``process_index`` of ``process_count``."""
+  name = f"latents-{process_index:05d}-of-{process_count:05d}-{chunk:05d}.array_record"
+  return os.path.join(directory, name)
+
+
+def encode_record(latent: np.ndarray, caption: str) -> bytes:
+  return serialization.msgpack_serialize(
+      {"latent": np.asarray(latent, np.float32), "caption": caption})
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+  """``{"latent": float32 (h, w, C), "caption": str}`` from a record's bytes."""
+  return serialization.msgpack_restore(data)
+
+
+def write_chunk(path: str, records: Iterable[bytes]) -> None:
+  """Writes serialized records to ``path``, then marks the chunk complete.
+
+  The marker comes after ``close()`` so that a crash at any point leaves no marker.
+  """
+  from array_record.python import array_record_module  # native module, loaded on use
+
+  if os.path.exists(path + DONE_SUFFIX):
+    raise FileExistsError(f"{path} is complete; refusing to overwrite it")
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  try:
+    for record in records:
+      writer.write(record)
+  finally:
+    writer.close()
+  with open(path + DONE_SUFFIX, "w"):
+    pass
+
+
+def chunk_done(path: str) -> bool:
+  return os.path.exists(path + DONE_SUFFIX)
+
+
+def latent_files(directory: str) -> list[str]:
+  """The completed chunk files of ``directory``, sorted by name (process, then chunk)."""
+  paths = glob.glob(os.path.join(glob.escape(directory), "latents-*.array_record"))
+  return sorted(p for p in paths if _CHUNK_RE.match(os.path.basename(p)) and chunk_done(p))
+
+
+def read_info(directory: str) -> dict[str, Any] | None:
+  path = os.path.join(directory, INFO_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_info(directory: str, info: dict[str, Any]) -> None:
+  # Written to a temporary name and renamed so that a reader never sees half a file.
+  path = os.path.join(directory, INFO_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(info, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+class LatentSource:
+  """Random access to the records of all completed chunks of a latent directory.
+
+  ``source[i]`` is ``{"latent": float32 (h, w, C), "caption": bytes}`` (bytes like a TFDS text
+  feature, so the grain pipeline can tokenize it the same way). Records are ordered by chunk
+  file name, i.e. process-major: with one process this is the source order.
+  """
+
+  def __init__(self, directory: str):
+    from array_record.python import array_record_data_source
+
+    self.directory = directory
+    self.paths = latent_files(directory)
+    if not self.paths:
+      raise FileNotFoundError(f"no completed latent chunks in {directory}")
+    self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = decode_record(self._source[index])
+    return {"latent": np.asarray(record["latent"], np.float32),
+            "caption": record["caption"].encode("utf-8")}
+
+  def __repr__(self) -> str:
+    return f"LatentSource({self.directory!r}, {len(self)} records)"
+
+
+def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """Center square crop then bicubic resize to uint8 (size, size, 3).
+
+  Accepts (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8; gray and RGBA become RGB (alpha is
+  dropped, as the VAE has no use for it).
+  """
+  pil = Image.fromarray(np.asarray(image, np.uint8).squeeze(-1)
+                        if np.ndim(image) == 3 and np.shape(image)[-1] == 1
+                        else np.asarray(image, np.uint8))
+  pil = pil.convert("RGB")
+  width, height = pil.size
+  side = min(width, height)
+  left, top = (width - side) // 2, (height - side) // 2
+  pil = pil.crop((left, top, left + side, top + side))
+  if side != size:
+    pil = pil.resize((size, size), Image.Resampling.BICUBIC)
+  return np.asarray(pil, np.uint8)

@@ -1,0 +1,255 @@
+r"""Precomputes VAE latents of an image-caption dataset, so that training skips the encoder.
+
+  python -m ecdit_jax.precompute --source=folder:DIR | tfds:NAME[:SPLIT] --vae=VAE_DIR \
+      --out=OUT_DIR [--image_size=256 --batch_size=32 --chunk_size=1000 --data_dir= \
+      --image_key=image --text_key=caption --sample_latents=false --seed=0]
+
+``folder:DIR`` reads every png/jpg/jpeg/webp file of DIR, sorted by name, with its caption in the
+same-stem ``.txt`` file. ``tfds:NAME[:SPLIT]`` (split ``train`` by default) reads a prepared TFDS
+dataset through ``tfds.data_source``. Each image is center-cropped, bicubic-resized to
+``--image_size`` and encoded to scaled latents (the posterior mean, or a sample keyed by
+``--seed`` and the record index with ``--sample_latents``); the format is in
+``ecdit_jax.data.latents``.
+
+Source record i goes to JAX process i % process_count; each process groups its records, in order,
+into chunks of ``--chunk_size`` source records. Records that cannot be used (an image that does
+not decode, a missing or empty caption) are skipped and counted, so a chunk may hold fewer
+records. Completed chunks are never rewritten: rerunning the same command resumes an interrupted
+run. An output directory holding latents of another ``--vae``, ``--image_size`` or ``--source``
+is refused.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("source", None, "folder:DIR or tfds:NAME[:SPLIT].")
+flags.DEFINE_string("vae", None, "diffusers VAE directory (config.json + safetensors).")
+flags.DEFINE_string("out", None, "Output directory for the latent chunks.")
+flags.DEFINE_integer("image_size", 256, "Square image resolution fed to the VAE.")
+flags.DEFINE_integer("batch_size", 32, "Images per VAE call.")
+flags.DEFINE_integer("chunk_size", 1000, "Source records per ArrayRecord chunk.")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir (tfds sources only).")
+flags.DEFINE_string("image_key", "image", "Image feature of a TFDS source.")
+flags.DEFINE_string("text_key", "caption", "Caption feature of a TFDS source.")
+flags.DEFINE_bool("sample_latents", False, "Sample from the VAE posterior instead of its mean.")
+flags.DEFINE_integer("seed", 0, "Seed of the posterior samples (with --sample_latents).")
+flags.mark_flags_as_required(["source", "vae", "out"])
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# Decoding and resizing release the GIL in PIL, so threads overlap them with the VAE.
+_LOADER_THREADS = 8
+
+
+class FolderSource:
+  """Images of a directory sorted by file name; ``None`` for those without a usable caption."""
+
+  def __init__(self, directory: str):
+    if not os.path.isdir(directory):
+      raise ValueError(f"--source folder {directory} does not exist")
+    names = sorted(n for n in os.listdir(directory) if n.lower().endswith(IMAGE_EXTENSIONS))
+    self.paths = [os.path.join(directory, n) for n in names]
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def load(self, index: int):
+    """(uint8 image, caption), or None when the record is to be skipped."""
+    import numpy as np
+    from PIL import Image
+
+    path = self.paths[index]
+    caption_path = os.path.splitext(path)[0] + ".txt"
+    if not os.path.exists(caption_path):
+      return None
+    with open(caption_path, encoding="utf-8") as f:
+      caption = f.read().strip()
+    if not caption:
+      return None
+    with Image.open(path) as image:
+      image.load()
+      if image.mode not in ("L", "RGB", "RGBA"):  # palette, CMYK, 16-bit ...
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+      return np.asarray(image), caption
+
+
+class TfdsSource:
+  """A prepared TFDS dataset, read by index."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None, image_key: str,
+               text_key: str):
+    import tensorflow_datasets as tfds
+
+    self.source = tfds.data_source(name, split=split, data_dir=data_dir)
+    self.image_key, self.text_key = image_key, text_key
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def load(self, index: int):
+    import numpy as np
+
+    example = self.source[index]
+    caption = example[self.text_key]
+    if isinstance(caption, bytes):
+      caption = caption.decode("utf-8")
+    caption = str(caption).strip()
+    if not caption:
+      return None
+    return np.asarray(example[self.image_key]), caption
+
+
+def parse_source(spec: str, *, data_dir: str | None, image_key: str, text_key: str):
+  kind, _, rest = spec.partition(":")
+  if kind == "folder" and rest:
+    return FolderSource(rest)
+  if kind == "tfds" and rest:
+    name, _, split = rest.partition(":")
+    return TfdsSource(name, split or "train", data_dir or None, image_key, text_key)
+  raise ValueError(f"--source={spec} is neither folder:DIR nor tfds:NAME[:SPLIT]")
+
+
+def check_out_dir(out: str, expected: dict, process_count: int) -> None:
+  """Raises ValueError when ``out`` holds latents that the requested ones would not match."""
+  from ecdit_jax.data import latents as latent_format
+
+  info = latent_format.read_info(out)
+  if info is not None:
+    for key in ("vae", "image_size", "source"):
+      if info.get(key) != expected[key]:
+        raise ValueError(f"--{key}={expected[key]} differs from {key}={info.get(key)} of the "
+                         f"latents already in --out={out}; use another --out")
+  suffix = f"-of-{process_count:05d}-"
+  for path in latent_format.latent_files(out):
+    if suffix not in os.path.basename(path):
+      raise ValueError(f"--out={out} holds chunks written by a different number of processes "
+                       f"({os.path.basename(path)}); resume with the same process count")
+
+
+def make_encoder(vae, batch_size: int, sample: bool, seed: int):
+  """A function (uint8 (n, S, S, 3), record indices (n,)) -> float32 numpy latents (n, h, w, C).
+
+  Batches are padded to ``batch_size`` so the VAE compiles once. Each image is encoded on its
+  own under vmap, so its latent (and its posterior sample) does not depend on the batching.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  graphdef, state = nnx.split(vae)
+  base_key = jax.random.key(seed)
+
+  @jax.jit
+  def encode(state, images, indices):
+    model = nnx.merge(graphdef, state)
+    images = images.astype(jnp.float32) / 127.5 - 1.0
+    if not sample:
+      return model.latents_from_images(images)
+
+    def one(image, index):
+      rng = jax.random.fold_in(base_key, index)
+      return model.latents_from_images(image[None], rng)[0]
+    return jax.vmap(one)(images, indices)
+
+  def run(images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    n = len(images)
+    pad = batch_size - n
+    if pad:
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+      indices = np.concatenate([indices, np.zeros((pad,), indices.dtype)])
+    return np.asarray(encode(state, images, indices), np.float32)[:n]
+
+  return run
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for name in ("image_size", "batch_size", "chunk_size"):
+    if getattr(FLAGS, name) <= 0:
+      raise app.UsageError(f"--{name} must be positive, got {getattr(FLAGS, name)}")
+  logging.set_verbosity(logging.WARNING)
+  import jax  # after flag parsing
+  import numpy as np
+  import tqdm
+
+  from ecdit_jax.data import latents as latent_format
+  from ecdit_jax.encoders.vae import load_vae
+
+  process_index, process_count = jax.process_index(), jax.process_count()
+  expected = {"vae": os.path.abspath(FLAGS.vae), "image_size": FLAGS.image_size,
+              "source": FLAGS.source}
+  try:
+    check_out_dir(FLAGS.out, expected, process_count)
+    source = parse_source(FLAGS.source, data_dir=FLAGS.data_dir, image_key=FLAGS.image_key,
+                          text_key=FLAGS.text_key)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+
+  vae = load_vae(FLAGS.vae)
+  size = FLAGS.image_size
+  latent_shape = jax.eval_shape(
+      vae.latents_from_images, jax.ShapeDtypeStruct((1, size, size, 3), np.float32)).shape[1:]
+  encode = make_encoder(vae, FLAGS.batch_size, FLAGS.sample_latents, FLAGS.seed)
+  info = dict(expected, latent_shape=list(latent_shape), dtype="float32", count=None,
+              skipped=None, sample_latents=FLAGS.sample_latents, seed=FLAGS.seed,
+              chunk_size=FLAGS.chunk_size, process_count=process_count)
+  os.makedirs(FLAGS.out, exist_ok=True)
+  if process_index == 0 and latent_format.read_info(FLAGS.out) is None:
+    # Written up front (counts unknown) so that a run interrupted before the end is still
+    # guarded against being resumed with other settings.
+    latent_format.write_info(FLAGS.out, info)
+
+  mine = np.arange(process_index, len(source), process_count)
+  chunks = [mine[i:i + FLAGS.chunk_size] for i in range(0, len(mine), FLAGS.chunk_size)]
+  written = skipped = 0
+
+  def load(index):
+    # Never crash on one bad record: anything that fails to decode is skipped.
+    try:
+      item = source.load(int(index))
+      if item is None:
+        return None
+      image, caption = item
+      return latent_format.center_crop_resize(image, size), caption
+    except Exception as e:  # noqa: BLE001
+      logging.warning("skipping record %d: %s", index, e)
+      return None
+
+  with concurrent.futures.ThreadPoolExecutor(_LOADER_THREADS) as pool:
+    for chunk, indices in enumerate(tqdm.tqdm(chunks, desc="chunks", unit="chunk")):
+      path = latent_format.chunk_path(FLAGS.out, process_index, process_count, chunk)
+      if latent_format.chunk_done(path):  # resume: count what the completed chunk holds
+        from array_record.python import array_record_data_source
+        count = len(array_record_data_source.ArrayRecordDataSource([path]))
+        written += count
+        skipped += len(indices) - count
+        continue
+      items = [(i, item) for i, item in zip(indices, pool.map(load, indices)) if item]
+      skipped += len(indices) - len(items)
+      records = []
+      for start in range(0, len(items), FLAGS.batch_size):
+        batch = items[start:start + FLAGS.batch_size]
+        latents = encode(np.stack([image for _, (image, _) in batch]),
+                         np.asarray([i for i, _ in batch], np.uint32))
+        records += [latent_format.encode_record(latent, caption)
+                    for latent, (_, (_, caption)) in zip(latents, batch)]
+      latent_format.write_chunk(path, records)
+      written += len(records)
+
+  if process_count > 1:
+    from jax.experimental import multihost_utils
+    totals = multihost_utils.process_allgather(np.asarray([written, skipped])).sum(axis=0)
+    written, skipped = int(totals[0]), int(totals[1])
+  if process_index == 0:
+    latent_format.write_info(FLAGS.out, dict(info, count=written, skipped=skipped))
+  print(f"wrote {written} records to {FLAGS.out}, skipped {skipped}")
+
+
+if __name__ == "__main__":
+  app.run(main)
