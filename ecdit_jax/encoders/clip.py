@@ -30,7 +30,12 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ecdit_jax.encoders.safetensors_weights import SafetensorsReader, config_file, load_parameters
+from ecdit_jax.encoders.safetensors_weights import (
+  SafetensorsReader,
+  config_file,
+  dataclass_from_mapping,
+  load_parameters,
+)
 from ecdit_jax.model.keys import ParamKeys
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -50,12 +55,6 @@ ACTIVATIONS = {
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }
-
-
-def _fields_from(cls, values: dict):
-  """Builds dataclass ``cls`` from the known keys of ``values``; the rest keep their defaults."""
-  names = {f.name for f in dataclasses.fields(cls)}
-  return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +112,8 @@ class ClipConfig:
     text_values = values.get("text_config") or {}
     vision_values = values.get("vision_config") or {}
     top = {k: v for k, v in values.items() if k in ("projection_dim", "logit_scale_init_value")}
-    return cls(text=_fields_from(ClipTextConfig, text_values),
-               vision=_fields_from(ClipVisionConfig, vision_values), **top)
+    return cls(text=dataclass_from_mapping(ClipTextConfig, text_values),
+               vision=dataclass_from_mapping(ClipVisionConfig, vision_values), **top)
 
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> ClipConfig:

@@ -11,6 +11,7 @@ checkpoint with parts the module does not use (a T5 decoder, say) is never read 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -21,6 +22,13 @@ from flax import nnx
 from safetensors import safe_open
 
 _STORED_AS_WEIGHT = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def dataclass_from_mapping(cls, values: dict):
+  """Dataclass ``cls`` from the keys of ``values`` that are its fields (checkpoint configs carry
+  many more); the fields not given keep their defaults."""
+  names = {field.name for field in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def config_file(model_dir: str | os.PathLike, kind: str) -> str:

@@ -37,7 +37,12 @@ from etils import epath
 from flax import nnx
 
 from ecdit_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer, load_tokenizer
-from ecdit_jax.encoders.safetensors_weights import SafetensorsReader, config_file, load_parameters
+from ecdit_jax.encoders.safetensors_weights import (
+  SafetensorsReader,
+  config_file,
+  dataclass_from_mapping,
+  load_parameters,
+)
 from ecdit_jax.model.keys import ParamKeys
 
 ACTIVATIONS = {
@@ -99,8 +104,7 @@ class T5Config:
   @classmethod
   def from_dict(cls, values: dict) -> T5Config:
     """Reads the known keys of ``values``; the rest (decoder, dropout, ...) are ignored."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+    return dataclass_from_mapping(cls, values)
 
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> T5Config:

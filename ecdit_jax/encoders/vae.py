@@ -23,7 +23,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ecdit_jax.encoders.safetensors_weights import SafetensorsReader, config_file, load_parameters
+from ecdit_jax.encoders.safetensors_weights import (
+  SafetensorsReader,
+  config_file,
+  dataclass_from_mapping,
+  load_parameters,
+)
 from ecdit_jax.encoders.vae_blocks import Decoder, Encoder, conv
 from ecdit_jax.model.keys import ParamKeys
 
@@ -96,8 +101,7 @@ class AutoencoderKLConfig:
 
   @classmethod
   def from_dict(cls, values: dict) -> AutoencoderKLConfig:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+    return dataclass_from_mapping(cls, values)
 
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> AutoencoderKLConfig:
