@@ -166,6 +166,25 @@ class SkipCountingBatchIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
+class SkipCountingBatch(grain.IterDataset):
+  """The dataset of ``SkipCountingBatchIterator`` batches.
+
+  A dataset rather than only an iterator so that worker processes (``mp_prefetch``) build whole
+  batches: handing each record to the main process separately costs more than decoding it.
+  """
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool,
+               max_consecutive_skips: int):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._drop_remainder = drop_remainder
+    self._max_consecutive_skips = max_consecutive_skips
+
+  def __iter__(self) -> SkipCountingBatchIterator:
+    return SkipCountingBatchIterator(iter(self._parent), self._batch_size, self._drop_remainder,
+                                     self._max_consecutive_skips)
+
+
 def _process_shard() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
@@ -187,15 +206,16 @@ def make_dataset_iterator(
   read_threads: int = 4,
   shard_index: int | None = None,
   shard_count: int | None = None,
-) -> SkipCountingBatchIterator:
+) -> grain.DatasetIterator:
   """Batches of this process's shard: {'image' (B,H,W,C) f32 in [-1,1], 'tokens' (B,L) i32,
   'num_skipped' i32}.
 
   ``batch_size`` is per process. ``num_epochs=None`` repeats forever (training), 1 is a single
   pass (eval). Each epoch is shuffled differently but deterministically from ``seed``.
-  ``worker_count > 0`` decodes in that many worker processes; resume a checkpointed state with
-  the same ``worker_count``. ``shard_index``/``shard_count`` default to the JAX process
-  index/count. Shards are strided (record ``i`` goes to shard ``i % shard_count``), so their
+  ``worker_count > 0`` decodes and batches in that many worker processes (worker w takes
+  records w, w + n, ... of the shuffled shard, so batches hold other records than with no
+  workers, equally deterministic); resume a checkpointed state with the same ``worker_count``.
+  ``shard_index``/``shard_count`` default to the JAX process index/count. Shards are strided (record ``i`` goes to shard ``i % shard_count``), so their
   sizes differ by at most one record; in a one-pass multi-process eval the shards may therefore
   yield different numbers of batches.
   """
@@ -224,17 +244,18 @@ def make_dataset_iterator(
   iter_dataset = dataset.to_iter_dataset(
     grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, 16))
   )
+  # Unusable records at the end of one epoch and the start of the next can run together, so
+  # only more than two shards' worth in a row proves that the shard has no usable record.
+  batches = SkipCountingBatch(iter_dataset, batch_size, drop_remainder,
+                              max_consecutive_skips=2 * shard_len)
   if worker_count > 0:
     # grain's worker processes read absl flags; outside absl.app.run (tests, notebooks) they
     # are unparsed, and reading them would raise. Defaults are what we want there.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  # Unusable records at the end of one epoch and the start of the next can run together, so
-  # only more than two shards' worth in a row proves that the shard has no usable record.
-  return SkipCountingBatchIterator(
-    iter(iter_dataset), batch_size, drop_remainder, max_consecutive_skips=2 * shard_len
-  )
+    # Worker w batches records w, w + n, ... of the shuffled shard; batches come round-robin.
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(batches)
 
 
 def read_captions(data_source, text_key: str = "caption") -> list[str]:
