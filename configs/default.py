@@ -83,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 3e-4 here is comparable to Adam at 3e-3; 1e-3 and above train worse or diverge.
   config.learning_rate = 3e-4
   config.warmup_steps = 500
+  config.lr_decay = "none"  # or "cosine" / "linear" to 0 at num_train_steps (fixed budgets)
   config.momentum = 0.9  # RMSProp with momentum, as in the paper
   config.rmsprop_decay = 0.999
   config.rmsprop_eps = 1e-8

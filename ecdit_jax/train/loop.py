@@ -25,7 +25,7 @@ from ecdit_jax.train import sharding
 from ecdit_jax.train import geneval, input_pipeline
 from ecdit_jax.train.checkpoint import Checkpointer, check_same_model
 from ecdit_jax.train.metrics import MetricWriter, Progress, log_line, name_moe_layers
-from ecdit_jax.train.optimizer import make_optimizer
+from ecdit_jax.train.optimizer import LR_DECAYS, make_optimizer
 from ecdit_jax.train.sampling import make_sampler, sample_grid, to_uint8
 from ecdit_jax.train.state import TrainState, abstract_train_state
 from ecdit_jax.train.step import make_train_step
@@ -56,6 +56,8 @@ def validate_config(config: ml_collections.ConfigDict):
           f"micro-batch of {micro} images")
   check(config.learning_rate > 0, f"config.learning_rate={config.learning_rate} must be > 0")
   check(config.warmup_steps >= 0, f"config.warmup_steps={config.warmup_steps} must be >= 0")
+  check(config.get("lr_decay", "none") in LR_DECAYS,
+        f"config.lr_decay={config.get('lr_decay')!r} must be one of {LR_DECAYS}")
   check(0 <= config.ema_decay < 1, f"config.ema_decay={config.ema_decay} must be in [0, 1)")
   check(config.nonfinite_loss in ("stop", "skip"),
         f"config.nonfinite_loss={config.nonfinite_loss!r} must be 'stop' or 'skip'")

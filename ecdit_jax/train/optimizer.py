@@ -6,12 +6,25 @@ import ml_collections
 import optax
 
 
+LR_DECAYS = ("none", "cosine", "linear")
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then constant."""
+  """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then ``config.lr_decay``:
+  constant ("none", the paper's long runs), or a cosine or linear decay to 0 at
+  ``num_train_steps`` (for runs of a fixed budget; extending such a run changes the schedule)."""
+  decay = config.get("lr_decay", "none")
+  if decay not in LR_DECAYS:
+    raise ValueError(f"config.lr_decay={decay!r} must be one of {LR_DECAYS}")
+  lr, warmup = config.learning_rate, config.warmup_steps
+  after = optax.constant_schedule(lr)
+  decay_steps = max(config.num_train_steps - warmup, 1)
+  if decay == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps)
+  elif decay == "linear":
+    after = optax.linear_schedule(lr, 0.0, decay_steps)
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1)),
-       optax.constant_schedule(config.learning_rate)],
-      boundaries=[config.warmup_steps])
+      [optax.linear_schedule(0.0, lr, max(warmup, 1)), after], boundaries=[warmup])
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
