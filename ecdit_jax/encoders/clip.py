@@ -31,10 +31,10 @@ from flax import nnx
 from PIL import Image
 
 from ecdit_jax.encoders.safetensors_weights import (
-  SafetensorsReader,
   config_file,
   dataclass_from_mapping,
   load_parameters,
+  open_checkpoint,
 )
 from ecdit_jax.model.keys import ParamKeys
 
@@ -312,16 +312,17 @@ class ClipModel(nnx.Module):
 
 def load_clip(model_dir: str | os.PathLike, *,
               precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST) -> ClipModel:
-  """A ``ClipModel`` from a Hugging Face ``CLIPModel`` directory (config.json + safetensors).
+  """A ``ClipModel`` from a Hugging Face ``CLIPModel`` directory (config.json + weights).
 
-  Weights are cast to float32. Keys the model does not use are ignored; a missing key or one of
-  the wrong shape raises, naming the key and the file.
+  The weights are ``model.safetensors`` or, failing that, ``pytorch_model.bin`` (either may be
+  sharded). Weights are cast to float32. Keys the model does not use are ignored; a missing key
+  or one of the wrong shape raises, naming the key and the file.
   """
   model_dir = os.fspath(model_dir)
   config = ClipConfig.from_json_file(config_file(model_dir, "CLIP"))
   # Built abstractly: nothing is initialised only to be overwritten.
   abstract = nnx.eval_shape(lambda: ClipModel(config, rngs=ParamKeys(0), precision=precision))
-  with contextlib.closing(SafetensorsReader(model_dir)) as reader:
+  with contextlib.closing(open_checkpoint(model_dir)) as reader:
     return load_parameters(abstract, reader)
 
 

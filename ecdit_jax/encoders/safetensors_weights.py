@@ -1,11 +1,13 @@
-"""Loading PyTorch-layout safetensors checkpoints into NNX modules whose names mirror their keys.
+"""Reading and writing PyTorch-layout checkpoints for NNX modules whose names mirror their keys.
 
 The encoders in this package name their submodules after the checkpoint's keys, so a
 parameter's path in the module tree is its key (``kernel``/``scale``/``embedding`` stored as
-``weight``). ``load_parameters`` walks an abstract module, reads each tensor from a
-``SafetensorsReader``, checks its shape, converts the PyTorch layout and returns the filled
-module. Tensors are read one at a time and only from the shards that hold wanted keys, so a
-checkpoint with parts the module does not use (a T5 decoder, say) is never read whole.
+``weight``). ``load_parameters`` walks an abstract module, reads each tensor from a reader,
+checks its shape, converts the PyTorch layout and returns the filled module; ``save_parameters``
+is its inverse. ``open_checkpoint`` picks the reader: safetensors files are read one tensor at a
+time and only from the shards that hold wanted keys, so a checkpoint with parts the module does
+not use (a T5 decoder, say) is never read whole; PyTorch ``.bin`` files (pickles) can only be
+read a whole file at a time, and are used only where no safetensors exist.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ecdit_jax.encoders.torch_checkpoint import load_torch_state_dict
 
 _STORED_AS_WEIGHT = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
@@ -61,41 +66,50 @@ def checkpoint_axes(leaf: str, ndim: int) -> tuple[int, ...]:
   return tuple(range(ndim))
 
 
-class SafetensorsReader:
-  """Single tensors from ``<name>`` or the shards of ``<name>.index.json``, read on demand.
+def _weight_files(names: Sequence[str]) -> str:
+  return " or ".join(f"{name}[.index.json]" for name in names)
 
-  ``names`` are the file names to look for, in order (e.g. diffusers' own name, then the
-  generic one). ``listing`` is the file (or index) that should hold every key.
+
+def _locate(model_dir: str, names: Sequence[str]) -> tuple[str, bool] | None:
+  """(path, is_index) of the first of ``names`` present as a file or as ``<name>.index.json``."""
+  for name in names:
+    single, index = os.path.join(model_dir, name), os.path.join(model_dir, name + ".index.json")
+    if os.path.isfile(single):
+      return single, False
+    if os.path.isfile(index):
+      return index, True
+  return None
+
+
+class CheckpointReader:
+  """Which file holds each key of a single-file or sharded checkpoint; subclasses read tensors.
+
+  ``listing`` is the file (or index) that should hold every key. The first of ``names`` found in
+  ``model_dir`` is used; a sharded checkpoint's keys come from its index, so that shards are
+  opened only when one of their tensors is read.
   """
 
-  def __init__(self, model_dir: str, names: Sequence[str] = ("model.safetensors",)):
-    self._stack = contextlib.ExitStack()
-    self._handles = {}
-    for name in names:
-      single, index = os.path.join(model_dir, name), os.path.join(model_dir, name + ".index.json")
-      if os.path.isfile(single):
-        self.listing = single
-        self._file_of = dict.fromkeys(self._open(single)[1], single)
-        return
-      if os.path.isfile(index):
-        self.listing = index
-        with open(index, encoding="utf-8") as f:
-          weight_map = json.load(f)["weight_map"]
-        self._file_of = {key: os.path.join(model_dir, shard) for key, shard in weight_map.items()}
-        return
-    wanted = " or ".join(f"{name}[.index.json]" for name in names)
-    raise FileNotFoundError(f"no {wanted} in {model_dir}")
+  def __init__(self, model_dir: str | os.PathLike, names: Sequence[str]):
+    model_dir = os.fspath(model_dir)
+    found = _locate(model_dir, names)
+    if found is None:
+      raise FileNotFoundError(f"no {_weight_files(names)} in {model_dir}")
+    self.listing, is_index = found
+    if is_index:
+      with open(self.listing, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+      self._file_of = {key: os.path.join(model_dir, shard) for key, shard in weight_map.items()}
+    else:
+      self._file_of = dict.fromkeys(self._keys_of_single_file(self.listing), self.listing)
 
-  def _open(self, file: str):
-    if file not in self._handles:
-      if not os.path.isfile(file):
-        raise FileNotFoundError(f"checkpoint shard not found: {file}")
-      handle = self._stack.enter_context(safe_open(file, framework="np"))
-      self._handles[file] = handle, set(handle.keys())
-    return self._handles[file]
+  def _keys_of_single_file(self, file: str) -> Sequence[str]:
+    raise NotImplementedError
 
   def __contains__(self, key: str) -> bool:
     return key in self._file_of
+
+  def __iter__(self):
+    return iter(self._file_of)
 
   def keys(self):
     return self._file_of.keys()
@@ -104,17 +118,108 @@ class SafetensorsReader:
     return self._file_of[key]
 
   def read(self, key: str) -> np.ndarray:
-    file = self._file_of[key]
-    handle, keys = self._open(file)
+    raise NotImplementedError
+
+  def close(self):
+    pass
+
+  def _missing_from_shard(self, key: str) -> KeyError:
+    return KeyError(f"parameter {key} is listed in {self.listing} but missing from "
+                    f"{self._file_of[key]}")
+
+
+def _shard_must_exist(file: str):
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"checkpoint shard not found: {file}")
+
+
+class SafetensorsReader(CheckpointReader):
+  """Single tensors from ``<name>`` or the shards of ``<name>.index.json``, read on demand.
+
+  ``names`` are the file names to look for, in order (e.g. diffusers' own name, then the
+  generic one).
+  """
+
+  def __init__(self, model_dir: str | os.PathLike,
+               names: Sequence[str] = ("model.safetensors",)):
+    self._stack = contextlib.ExitStack()
+    self._handles = {}
+    super().__init__(model_dir, names)
+
+  def _keys_of_single_file(self, file: str) -> Sequence[str]:
+    return self._open(file)[1]
+
+  def _open(self, file: str):
+    if file not in self._handles:
+      _shard_must_exist(file)
+      handle = self._stack.enter_context(safe_open(file, framework="np"))
+      self._handles[file] = handle, set(handle.keys())
+    return self._handles[file]
+
+  def read(self, key: str) -> np.ndarray:
+    handle, keys = self._open(self._file_of[key])
     if key not in keys:
-      raise KeyError(f"parameter {key} is listed in {self.listing} but missing from {file}")
+      raise self._missing_from_shard(key)
     return handle.get_tensor(key)
 
   def close(self):
     self._stack.close()
 
 
-def load_parameters(abstract_module: nnx.Module, reader: SafetensorsReader, *,
+class TorchBinReader(CheckpointReader):
+  """Tensors of ``torch.save`` state dicts (``pytorch_model.bin`` and its shards), without torch.
+
+  A pickled file cannot be read one tensor at a time, so a shard is read whole when one of its
+  tensors is first wanted (a single file at once, to list its keys). Each tensor is handed out
+  once and then dropped from memory, so that loading holds little more than the unread rest of
+  the shards opened so far; reading a key again reads its shard again.
+  """
+
+  def __init__(self, model_dir: str | os.PathLike,
+               names: Sequence[str] = ("pytorch_model.bin",)):
+    self._loaded: dict[str, dict[str, np.ndarray]] = {}
+    super().__init__(model_dir, names)
+
+  def _load(self, file: str) -> dict[str, np.ndarray]:
+    _shard_must_exist(file)
+    self._loaded[file] = load_torch_state_dict(file)
+    return self._loaded[file]
+
+  def _keys_of_single_file(self, file: str) -> Sequence[str]:
+    return list(self._load(file))
+
+  def read(self, key: str) -> np.ndarray:
+    file = self._file_of[key]
+    tensors = self._loaded.get(file)
+    if tensors is None or key not in tensors:
+      tensors = self._load(file)
+      if key not in tensors:
+        raise self._missing_from_shard(key)
+    return tensors.pop(key)
+
+  def close(self):
+    self._loaded.clear()
+
+
+def open_checkpoint(model_dir: str | os.PathLike,
+                    safetensors_names: Sequence[str] = ("model.safetensors",),
+                    bin_names: Sequence[str] = ("pytorch_model.bin",)) -> CheckpointReader:
+  """A reader of the weights in ``model_dir``: safetensors if present, else PyTorch ``.bin``.
+
+  Each name is looked for as a single file and as a sharded ``<name>.index.json``, in order;
+  any safetensors name wins over every ``.bin`` name, since safetensors files load lazily and
+  unpickle nothing. Raises FileNotFoundError listing every name looked for.
+  """
+  model_dir = os.fspath(model_dir)
+  if _locate(model_dir, safetensors_names):
+    return SafetensorsReader(model_dir, safetensors_names)
+  if _locate(model_dir, bin_names):
+    return TorchBinReader(model_dir, bin_names)
+  names = (*safetensors_names, *bin_names)
+  raise FileNotFoundError(f"no {_weight_files(names)} in {model_dir}")
+
+
+def load_parameters(abstract_module: nnx.Module, reader: CheckpointReader, *,
                     stored_key: Callable[[str], str] | None = None) -> nnx.Module:
   """``abstract_module`` (from ``nnx.eval_shape``) with every parameter read from ``reader``.
 
@@ -142,3 +247,29 @@ def load_parameters(abstract_module: nnx.Module, reader: SafetensorsReader, *,
     array = np.asarray(array, dtype=np.float32).transpose(axes)
     loaded.append((path, variable.replace(jnp.asarray(array))))
   return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def checkpoint_tensors(module: nnx.Module) -> dict[str, np.ndarray]:
+  """Every ``nnx.Param`` of ``module`` under its checkpoint key, in the PyTorch layout.
+
+  The inverse of what ``load_parameters`` does to each tensor, dtypes kept. Two parameters that
+  would share a key raise ValueError.
+  """
+  tensors = {}
+  for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+    key = checkpoint_key(path)
+    if key in tensors:
+      raise ValueError(f"two parameters are stored under {key}")
+    value = np.asarray(variable[...])
+    axes = checkpoint_axes(str(path[-1]), value.ndim)
+    # load_parameters applies transpose(axes); argsort(axes) undoes it.
+    tensors[key] = np.ascontiguousarray(value.transpose(np.argsort(axes)))
+  return tensors
+
+
+def save_parameters(module: nnx.Module, path: str | os.PathLike) -> None:
+  """Writes every parameter of ``module`` to the safetensors file ``path`` as Hugging Face
+  stores it (key names and PyTorch layout), so that ``load_parameters`` and the PyTorch
+  libraries read it back."""
+  # transformers refuses safetensors files whose metadata does not name their framework.
+  save_file(checkpoint_tensors(module), os.fspath(path), metadata={"format": "pt"})

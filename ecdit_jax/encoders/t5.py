@@ -38,10 +38,10 @@ from flax import nnx
 
 from ecdit_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer, load_tokenizer
 from ecdit_jax.encoders.safetensors_weights import (
-  SafetensorsReader,
   config_file,
   dataclass_from_mapping,
   load_parameters,
+  open_checkpoint,
 )
 from ecdit_jax.model.keys import ParamKeys
 
@@ -290,11 +290,12 @@ class T5Encoder(nnx.Module):
 def load_t5_encoder(model_dir: str | os.PathLike, *,
                     precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST
                     ) -> T5Encoder:
-  """A ``T5Encoder`` from a Hugging Face T5 directory (config.json + safetensors).
+  """A ``T5Encoder`` from a Hugging Face T5 directory (config.json + weights).
 
-  Reads ``T5EncoderModel`` and full ``T5ForConditionalGeneration`` checkpoints alike (decoder
-  keys are never read). Weights are cast to float32. A missing key or one of the wrong shape
-  raises, naming the key and the file.
+  The weights are ``model.safetensors`` or, failing that, ``pytorch_model.bin`` (either may be
+  sharded). Reads ``T5EncoderModel`` and full ``T5ForConditionalGeneration`` checkpoints alike
+  (decoder tensors are never converted). Weights are cast to float32. A missing key or one of
+  the wrong shape raises, naming the key and the file.
   """
   model_dir = os.fspath(model_dir)
   config = T5Config.from_json_file(config_file(model_dir, "T5"))
@@ -310,7 +311,7 @@ def load_t5_encoder(model_dir: str | os.PathLike, *,
       raise KeyError(f"parameter {' or '.join(names)} is missing from {reader.listing}")
     return found[0]
 
-  with contextlib.closing(SafetensorsReader(model_dir)) as reader:
+  with contextlib.closing(open_checkpoint(model_dir)) as reader:
     return load_parameters(abstract, reader, stored_key=stored_key)
 
 

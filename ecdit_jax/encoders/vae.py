@@ -24,18 +24,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ecdit_jax.encoders.safetensors_weights import (
-  SafetensorsReader,
+  CheckpointReader,
   config_file,
   dataclass_from_mapping,
   load_parameters,
+  open_checkpoint,
 )
 from ecdit_jax.encoders.vae_blocks import Decoder, Encoder, conv
 from ecdit_jax.model.keys import ParamKeys
 
 # diffusers clips the log-variance to this range before using it.
 LOGVAR_RANGE = (-30.0, 20.0)
-# Weight files in order of preference: diffusers' name first, then the generic one.
+# Weight files in order of preference: diffusers' name first, then the generic one; PyTorch
+# pickles only where no safetensors file exists.
 WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+BIN_WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
 # Checkpoints saved before diffusers renamed its attention layers use these names; diffusers
 # renames them on load, and so do we.
 LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -169,7 +172,7 @@ class AutoencoderKL(nnx.Module):
     return self.decoder(z)
 
 
-def _stored_key(key: str, reader: SafetensorsReader) -> str:
+def _stored_key(key: str, reader: CheckpointReader) -> str:
   """The checkpoint key holding parameter ``key``, which may use the legacy attention names."""
   if key in reader:
     return key
@@ -180,7 +183,7 @@ def _stored_key(key: str, reader: SafetensorsReader) -> str:
     if legacy in reader:
       return legacy
   message = f"parameter {key} is missing from {reader.listing}"
-  if any(stored.startswith(_LDM_PREFIXES) for stored in reader.keys()):
+  if any(stored.startswith(_LDM_PREFIXES) for stored in reader):
     message += ("; its keys follow the original latent-diffusion layout (encoder.down.N.block...), "
                 "which must be converted to the diffusers layout first")
   raise KeyError(message)
@@ -188,10 +191,11 @@ def _stored_key(key: str, reader: SafetensorsReader) -> str:
 
 def load_vae(model_dir: str | os.PathLike, *,
              precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST) -> AutoencoderKL:
-  """An ``AutoencoderKL`` from a diffusers VAE directory (config.json + safetensors).
+  """An ``AutoencoderKL`` from a diffusers VAE directory (config.json + weights).
 
-  The directory is the ``vae`` folder of a pipeline, or a standalone VAE. Weights are cast to
-  float32. Keys the model does not use are ignored; a missing key or one of the wrong shape
+  The directory is the ``vae`` folder of a pipeline, or a standalone VAE. The weights are
+  safetensors or, failing that, PyTorch ``.bin`` files (either may be sharded). Weights are cast
+  to float32. Keys the model does not use are ignored; a missing key or one of the wrong shape
   raises, naming the key and the file.
   """
   model_dir = os.fspath(model_dir)
@@ -199,5 +203,6 @@ def load_vae(model_dir: str | os.PathLike, *,
   # Built abstractly: nothing is initialised only to be overwritten.
   abstract = nnx.eval_shape(
       lambda: AutoencoderKL(config, rngs=ParamKeys(0), precision=precision))
-  with contextlib.closing(SafetensorsReader(model_dir, WEIGHT_FILE_NAMES)) as reader:
+  with contextlib.closing(
+      open_checkpoint(model_dir, WEIGHT_FILE_NAMES, BIN_WEIGHT_FILE_NAMES)) as reader:
     return load_parameters(abstract, reader, stored_key=lambda key: _stored_key(key, reader))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import sentencepiece as spm
 from safetensors.numpy import load_file, save_file
 
 from ecdit_jax.data import tokenizer as tk
-from ecdit_jax.encoders import t5
+from ecdit_jax.encoders import safetensors_weights, t5
 
 VOCAB_SIZE = 100
 NUM_BUCKETS, MAX_DISTANCE = 8, 16
@@ -219,7 +220,88 @@ def test_missing_files_raise_file_not_found(encoder_pair, tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     t5.load_t5_encoder(tmp_path)
   _copy_config(model_dir, tmp_path)
-  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+  with pytest.raises(FileNotFoundError, match="model.safetensors") as error:
+    t5.load_t5_encoder(tmp_path)
+  assert "pytorch_model.bin" in str(error.value)
+
+
+def save_pytorch_bin(model, directory, max_shard_size: int | None = None):
+  """``save_pretrained(safe_serialization=False)``: pytorch_model.bin, or shards and an index.
+
+  transformers 5 writes safetensors whatever ``safe_serialization`` says; the state dict is then
+  written as earlier releases wrote it: shards of at most ``max_shard_size`` bytes, tied tensors
+  left sharing their storage.
+  """
+  kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+  model.save_pretrained(directory, safe_serialization=False, **kwargs)
+  if list(directory.glob("pytorch_model*.bin")):
+    return
+  for path in directory.glob("*.safetensors*"):
+    path.unlink()
+  state = model.state_dict()
+  if max_shard_size is None:
+    torch.save(state, directory / "pytorch_model.bin")
+    return
+  shards, size = [{}], 0
+  for key, tensor in state.items():
+    nbytes = tensor.numel() * tensor.element_size()
+    if shards[-1] and size + nbytes > max_shard_size:
+      shards.append({})
+      size = 0
+    shards[-1][key] = tensor
+    size += nbytes
+  weight_map = {}
+  for number, shard in enumerate(shards, start=1):
+    name = f"pytorch_model-{number:05d}-of-{len(shards):05d}.bin"
+    torch.save(shard, directory / name)
+    weight_map.update(dict.fromkeys(shard, name))
+  total = sum(t.numel() * t.element_size() for t in state.values())
+  with open(directory / "pytorch_model.bin.index.json", "w", encoding="utf-8") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+
+
+@pytest.mark.parametrize("max_shard_size", [None, 20_000], ids=["single", "sharded"])
+def test_pytorch_bin_checkpoint_matches_transformers(max_shard_size, tmp_path):
+  hf_model = random_hf_encoder("gated-gelu", seed=6)
+  save_pytorch_bin(hf_model, tmp_path, max_shard_size)
+  assert not list(tmp_path.glob("*.safetensors*"))
+  if max_shard_size is not None:
+    index_file = tmp_path / "pytorch_model.bin.index.json"
+    with open(index_file, encoding="utf-8") as f:
+      index = json.load(f)
+    assert len(set(index["weight_map"].values())) > 2
+    # An unused shard, listed but absent, must not be opened.
+    index["weight_map"]["decoder.final_layer_norm.weight"] = "pytorch_model-absent.bin"
+    with open(index_file, "w", encoding="utf-8") as f:
+      json.dump(index, f)
+  model = t5.load_t5_encoder(tmp_path)
+  ids, mask = padded_batch(np.random.default_rng(7))
+  np.testing.assert_allclose(model(ids, mask), hf_hidden(hf_model, ids, mask), **TOLERANCE)
+
+  # Tensors are dropped once handed out; asking again reads them again.
+  key = "encoder.final_layer_norm.weight"
+  with contextlib.closing(safetensors_weights.open_checkpoint(tmp_path)) as reader:
+    assert isinstance(reader, safetensors_weights.TorchBinReader)
+    first = reader.read(key)
+    np.testing.assert_array_equal(reader.read(key), first)
+  np.testing.assert_array_equal(first, hf_model.state_dict()[key].numpy())
+  if max_shard_size is not None:
+    os.remove(tmp_path / index["weight_map"][key])
+    with pytest.raises(FileNotFoundError, match="checkpoint shard not found"):
+      t5.load_t5_encoder(tmp_path)
+
+
+def test_safetensors_preferred_over_pytorch_bin(encoder_pair, tmp_path):
+  hf_model, _, model_dir = encoder_pair
+  _copy_config(model_dir, tmp_path)
+  shutil.copy(model_dir / "model.safetensors", tmp_path / "model.safetensors")
+  # Never read: not even a pickle.
+  (tmp_path / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+  ids, mask = padded_batch(np.random.default_rng(8))
+  np.testing.assert_allclose(t5.load_t5_encoder(tmp_path)(ids, mask),
+                             hf_hidden(hf_model, ids, mask), **TOLERANCE)
+  os.remove(tmp_path / "model.safetensors")
+  with pytest.raises(ValueError, match="pytorch_model.bin"):
     t5.load_t5_encoder(tmp_path)
 
 

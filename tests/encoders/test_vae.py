@@ -138,6 +138,21 @@ def test_sharded_checkpoint_loads_the_same(vae_pair, tmp_path):
   np.testing.assert_array_equal(sharded.encode(x)[0], model.encode(x)[0])
 
 
+def test_pytorch_bin_checkpoint_matches_diffusers(tmp_path):
+  hf_model = random_hf_vae(seed=8)
+  hf_model.save_pretrained(tmp_path, safe_serialization=False)
+  assert (tmp_path / "diffusion_pytorch_model.bin").exists()
+  assert not list(tmp_path.glob("*.safetensors*"))
+  model = vae.load_vae(tmp_path)
+  x = images((16, 16), seed=9)
+  z = np.random.default_rng(10).normal(size=(2, 8, 8, 4)).astype(np.float32)  # 16x16 decoded
+  with torch.no_grad():
+    expected_mean = to_nhwc(hf_model.encode(to_torch(x)).latent_dist.mean)
+    expected_decoded = to_nhwc(hf_model.decode(to_torch(z)).sample)
+  assert_close(model.encode(x)[0], expected_mean)
+  assert_close(model.decode(model.scale_latents(z)), expected_decoded)
+
+
 def _copy_checkpoint(source, target, edit=None, weights_name=WEIGHTS):
   shutil.copy(source / "config.json", target / "config.json")
   tensors = load_file(str(source / WEIGHTS))
@@ -203,8 +218,9 @@ def test_missing_files_raise_file_not_found(sd_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     vae.load_vae(tmp_path)
   shutil.copy(sd_dir / "config.json", tmp_path / "config.json")
-  with pytest.raises(FileNotFoundError, match=WEIGHTS):
+  with pytest.raises(FileNotFoundError, match=WEIGHTS) as error:
     vae.load_vae(tmp_path)
+  assert "diffusion_pytorch_model.bin" in str(error.value)
 
 
 def test_unsupported_config_is_rejected(sd_dir):
