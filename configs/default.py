@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
       token_choice_top_k=2,
       token_choice_capacity_factor=1.25,
       load_balance_loss_weight=0.01,
+      text_encoder="scratch",  # or "t5" / "clip": frozen pretrained, weights in config.pretrained
       text_vocab_size=128,  # the tokenizer trained on the captions has fewer pieces
       text_max_len=16,
       text_hidden_size=128,
@@ -47,7 +48,14 @@ def get_config() -> ml_collections.ConfigDict:
       remat="none",  # or "block" / "dots": recompute blocks in the backward pass to save memory
   ))
 
-  # Data: GenEval-Shapes is generated locally on first use and cached under data_dir.
+  # Frozen pretrained networks, as Hugging Face format directories (configs/t2i_256.py uses them):
+  # text_encoder: T5 or CLIP weights + tokenizer, required when model.text_encoder != "scratch";
+  # vae: the diffusers VAE that decodes a latent model's samples (sample grids, sample CLI);
+  # dtype: the compute dtype of both.
+  config.pretrained = ml_collections.ConfigDict(dict(text_encoder="", vae="", dtype="bfloat16"))
+
+  # Data: GenEval-Shapes is generated locally on first use and cached under data_dir;
+  # "latents:DIR" reads VAE latents written by `python -m ecdit_jax.precompute`.
   config.data = ml_collections.ConfigDict(dict(
       dataset="geneval_shapes",
       data_dir="",  # empty: ~/tensorflow_datasets

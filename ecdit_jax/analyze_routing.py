@@ -1,14 +1,18 @@
 r"""Where expert choice spends compute while sampling: per token, sampling step and MoE layer.
 
   python -m ecdit_jax.analyze_routing --workdir=DIR --outdir=OUT [--prompts=FILE --steps=25
-      --cfg_scale=3 --seed=0 --capacity_factor=2]
+      --cfg_scale=3 --seed=0 --capacity_factor=2 --pretrained_text_encoder=DIR
+      --pretrained_vae=DIR]
 
 Without --prompts it uses GenEval-Shapes evaluation prompts (single and two objects). Writes
 OUT/images/NNNNN.png (the samples: the same images as ``ecdit_jax.sample`` with Euler and the
 same seed), OUT/heatmaps/NNNNN.png (each sample beside a map of experts per token, averaged over
 steps and MoE layers, dark = fewer), OUT/compute_by_step.png and OUT/compute_by_layer.png,
 OUT/counts.npy ((steps, moe_layers, images, tokens) experts per token) and OUT/summary.json,
-which includes the ratio of compute on object tokens to compute on background tokens.
+which includes the ratio of compute on object tokens to compute on background tokens. A model
+trained on VAE latents is analysed on its latent tokens; its images are the VAE's decodings
+(the run's config.pretrained.vae, or --pretrained_vae), and a token counts as an object token
+when its patch of the decoded image holds object pixels.
 """
 
 import json
@@ -26,6 +30,10 @@ flags.DEFINE_integer("steps", None, "Euler steps (default: the run's config.samp
 flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the run's config).")
 flags.DEFINE_float("capacity_factor", None, "Inference capacity factor (default: the config's).")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
+flags.DEFINE_string("pretrained_text_encoder", None, "Frozen text encoder weights directory "
+                    "(default: the run's config.pretrained.text_encoder).")
+flags.DEFINE_string("pretrained_vae", None, "VAE directory decoding a latent model's samples "
+                    "(default: the run's config.pretrained.vae).")
 flags.mark_flags_as_required(["workdir", "outdir"])
 
 SCALE = 8  # heatmap pixels per image pixel
@@ -79,7 +87,11 @@ def main(argv):
   if os.path.isdir(FLAGS.outdir) and os.listdir(FLAGS.outdir):
     raise app.UsageError(f"--outdir={FLAGS.outdir} is not empty; refusing to overwrite")
   prompts = read_prompts(FLAGS.prompts) if FLAGS.prompts else _default_prompts(FLAGS.num_prompts)
-  run = load_run(FLAGS.workdir)
+  run = load_run(FLAGS.workdir, pretrained_overrides={
+      "text_encoder": FLAGS.pretrained_text_encoder or "", "vae": FLAGS.pretrained_vae or ""})
+  if run.on_latents and run.vae is None:
+    raise app.UsageError("the run generates VAE latents and its config.pretrained.vae is empty: "
+                         "pass --pretrained_vae=DIR")
   mc = run.model_config
   steps = FLAGS.steps or run.config.sample.num_steps
   cfg_scale = run.config.sample.cfg_scale if FLAGS.cfg_scale is None else FLAGS.cfg_scale
@@ -90,9 +102,13 @@ def main(argv):
   tokens = run.tokenizer.encode_batch(prompts, mc.text_max_len)
   images, counts = routing.record_routing(
       run.graphdef, run.params, tokens, run.null_tokens, noise, num_steps=steps,
-      cfg_scale=cfg_scale, capacity_factor=FLAGS.capacity_factor)
+      cfg_scale=cfg_scale, capacity_factor=FLAGS.capacity_factor, text_encoder=run.text_encoder)
+  pixel_patch = mc.patch_size
+  if run.vae is not None:  # latents -> images; a token's patch covers f x f pixels per latent
+    images = jax.jit(run.vae.decode)(run.vae.params, images)
+    pixel_patch *= run.vae.downsample_factor
   images = to_uint8(images)
-  mask = routing.object_token_mask(images, mc.patch_size)
+  mask = routing.object_token_mask(images, pixel_patch)
   maps = routing.token_maps(counts, mc.grid_size)
 
   write_pngs(images, os.path.join(FLAGS.outdir, "images"))
@@ -100,7 +116,7 @@ def main(argv):
   os.makedirs(heat_dir)
   vmax = float(maps.max())
   for i, (image, token_map) in enumerate(zip(images, maps)):
-    side = mc.image_size * SCALE
+    side = max(image.shape[0], mc.image_size * SCALE)
     left = Image.fromarray(image).resize((side, side), Image.NEAREST)
     right = Image.fromarray(_heat(token_map, vmax)).resize((side, side), Image.NEAREST)
     pair = Image.new("RGB", (2 * side, side))

@@ -57,6 +57,10 @@ flags.DEFINE_string("data_dir", None, "TFDS data_dir of --reference (default: th
 flags.DEFINE_integer("num_images", 1000, "FID/CLIP: images generated (one per caption).")
 flags.DEFINE_string("mesh", "", "Sample on a device mesh, e.g. 'expert=2,fsdp=2' (axes left "
                     "out are 1; data fills the rest). Empty: one device.")
+flags.DEFINE_string("pretrained_text_encoder", None, "Frozen text encoder weights directory "
+                    "(default: the run's config.pretrained.text_encoder).")
+flags.DEFINE_string("pretrained_vae", None, "VAE directory decoding a latent model's samples "
+                    "(default: the run's config.pretrained.vae).")
 flags.mark_flags_as_required(["workdir"])
 
 SUPPORTED = ("geneval_shapes", "fid", "clip")
@@ -191,8 +195,10 @@ def main(argv):
 
   try:
     run = inference.load_run(FLAGS.workdir, use_ema=FLAGS.use_ema,
-                             mesh_sizes=inference.parse_mesh(FLAGS.mesh))
-  except ValueError as e:  # a mesh that does not fit the devices or the model
+                             mesh_sizes=inference.parse_mesh(FLAGS.mesh),
+                             pretrained_overrides={"text_encoder": FLAGS.pretrained_text_encoder
+                                                   or "", "vae": FLAGS.pretrained_vae or ""})
+  except ValueError as e:  # a mesh that does not fit, missing pretrained weights
     raise app.UsageError(str(e)) from e
   steps = FLAGS.steps or run.config.sample.num_steps
   if "geneval_shapes" in wanted:

@@ -2,9 +2,10 @@ r"""Exports a run's parameters for inference: ``python -m ecdit_jax.export --wor
 
 DIR2 receives the EMA parameters (``--use_ema=false``: the raw ones) of the latest checkpoint
 (or ``--checkpoint_step``) as a standalone Orbax checkpoint without optimizer state, the run's
-config as JSON, its tokenizer, and ``export.json`` (step, which parameters). The sample and
-evaluate commands take DIR2 in place of a workdir. DIR2 must not exist yet or be empty: an
-export never overwrites anything.
+config as JSON, its tokenizer (a run with a frozen pretrained text encoder has none of its own:
+the config names the encoder's weights), and ``export.json`` (step, which parameters). The
+sample and evaluate commands take DIR2 in place of a workdir. DIR2 must not exist yet or be
+empty: an export never overwrites anything.
 """
 
 import json
@@ -32,12 +33,15 @@ def export(workdir: str, out: str, *, step: int | None = None, use_ema: bool = T
     raise FileExistsError(f"--out={out} is not empty; exports never overwrite")
   if inference.is_export(workdir):
     raise ValueError(f"--workdir={workdir} is already an export")
-  run = inference.load_run(workdir, step=step, use_ema=use_ema)
+  # The frozen pretrained networks stay where the config names them: not part of an export.
+  run = inference.load_run(workdir, step=step, use_ema=use_ema, load_pretrained=False)
   target.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(target.absolute() / inference.EXPORT_PARAMS, run.params)
   (target / "config.json").write_text(json.dumps(run.config.to_dict(), indent=2))
-  (target / TOKENIZER_FILE).write_bytes((epath.Path(workdir) / TOKENIZER_FILE).read_bytes())
+  tokenizer = epath.Path(workdir) / TOKENIZER_FILE
+  if tokenizer.exists():  # absent when the run's text encoder is a frozen pretrained one
+    (target / TOKENIZER_FILE).write_bytes(tokenizer.read_bytes())
   # Written last: its presence marks a complete export.
   (target / inference.EXPORT_INFO).write_text(json.dumps(
       {"step": run.step, "parameters": "ema" if use_ema else "raw"}, indent=2))

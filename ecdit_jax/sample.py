@@ -2,12 +2,15 @@ r"""Samples images for prompts from a trained run.
 
   python -m ecdit_jax.sample --workdir=DIR --prompts=prompts.txt --outdir=OUT \
       [--steps=25 --cfg_scale=3 --seed=0 --use_ema --method=euler --batch_size=64]
-      [--mesh=expert=2,fsdp=2]
+      [--mesh=expert=2,fsdp=2] [--pretrained_text_encoder=DIR --pretrained_vae=DIR]
 
 Writes OUT/00000.png, OUT/00001.png, ... in prompt order (one prompt per line of the file), at
-the training resolution, from the latest checkpoint. Image i depends only on (seed, i) and its
-prompt, not on the batch it was generated in. ``--mesh`` restores the parameters sharded over
-the local devices (FSDP / expert parallelism, as in training) for models too large for one.
+the training resolution (a model trained on VAE latents: the VAE's output resolution), from the
+latest checkpoint. Image i depends only on (seed, i) and its prompt, not on the batch it was
+generated in. ``--mesh`` restores the parameters sharded over the local devices (FSDP / expert
+parallelism, as in training) for models too large for one. The frozen text encoder and VAE of a
+run come from its config.pretrained; the ``--pretrained_*`` flags point at other copies
+(weights moved since training).
 """
 
 import os
@@ -27,6 +30,10 @@ flags.DEFINE_integer("batch_size", 64, "Prompts per sampling batch.")
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to use (default: the latest).")
 flags.DEFINE_string("mesh", "", "Sample on a device mesh, e.g. 'expert=2,fsdp=2' (axes left "
                     "out are 1; data fills the rest). Empty: one device.")
+flags.DEFINE_string("pretrained_text_encoder", None, "Frozen text encoder weights directory "
+                    "(default: the run's config.pretrained.text_encoder).")
+flags.DEFINE_string("pretrained_vae", None, "VAE directory decoding a latent model's samples "
+                    "(default: the run's config.pretrained.vae).")
 flags.mark_flags_as_required(["workdir", "prompts", "outdir"])
 
 
@@ -44,16 +51,18 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   if os.path.isdir(FLAGS.outdir) and os.listdir(FLAGS.outdir):
     raise app.UsageError(f"--outdir={FLAGS.outdir} is not empty; refusing to overwrite")
+  overrides = {"text_encoder": FLAGS.pretrained_text_encoder or "",
+               "vae": FLAGS.pretrained_vae or ""}
   try:
     run = inference.load_run(FLAGS.workdir, step=FLAGS.checkpoint_step, use_ema=FLAGS.use_ema,
-                             mesh_sizes=mesh_sizes)
-  except ValueError as e:  # a mesh that does not fit the devices or the model
+                             mesh_sizes=mesh_sizes, pretrained_overrides=overrides)
+    sample_cfg = run.config.sample
+    sampler = inference.make_run_sampler(
+        run, num_steps=FLAGS.steps or sample_cfg.num_steps,
+        cfg_scale=sample_cfg.cfg_scale if FLAGS.cfg_scale is None else FLAGS.cfg_scale,
+        method=FLAGS.method or sample_cfg.method)
+  except ValueError as e:  # a mesh that does not fit, missing pretrained weights
     raise app.UsageError(str(e)) from e
-  sample_cfg = run.config.sample
-  sampler = inference.make_run_sampler(
-      run, num_steps=FLAGS.steps or sample_cfg.num_steps,
-      cfg_scale=sample_cfg.cfg_scale if FLAGS.cfg_scale is None else FLAGS.cfg_scale,
-      method=FLAGS.method or sample_cfg.method)
   tokens = run.tokenizer.encode_batch(prompts, run.model_config.text_max_len)
   with inference.on_mesh(run):
     for start in range(0, len(prompts), FLAGS.batch_size):

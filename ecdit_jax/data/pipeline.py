@@ -2,12 +2,15 @@
 
 Works with any random-access source of dict records holding an image and a caption (a TFDS
 ``data_source``, ``builder.as_data_source(split)``, or any object with ``__len__``/``__getitem__``).
+The image is either pixels (uint8 RGB, scaled to [-1, 1] here) or precomputed VAE latents
+(float32 (S, S, C), already scaled by the VAE's factor: a ``data.latents.LatentSource``).
 Each JAX process reads a disjoint, strided shard of the records. The batch iterator is a
 ``grain.DatasetIterator`` so its position can be checkpointed with ``get_state``/``set_state``
 (or grain's Orbax handler) and a resumed run sees exactly the batches an uninterrupted run would.
 
-Bad records (unreadable, undecodable images, images of the wrong shape, empty or non-text
-captions) are skipped, never fatal; each batch reports how many were skipped while filling it.
+Bad records (unreadable, undecodable images, images or latents of the wrong shape, non-finite
+latents, empty or non-text captions) are skipped, never fatal; each batch reports how many were
+skipped while filling it.
 """
 
 from __future__ import annotations
@@ -70,6 +73,22 @@ def decode_image(value, image_size: int) -> np.ndarray | None:
   return array
 
 
+def decode_latent(value, image_size: int, channels: int) -> np.ndarray | None:
+  """float32 (S, S, channels) from a latent array; None if it has another shape, is not a float
+  array, or holds NaN or infinity (a latent that would poison the loss)."""
+  try:
+    array = np.asarray(value)
+  except Exception:  # noqa: BLE001 - objects that numpy cannot convert.
+    return None
+  if array.shape != (image_size, image_size, channels) or not np.issubdtype(array.dtype,
+                                                                              np.floating):
+    return None
+  array = array.astype(np.float32)
+  if not np.all(np.isfinite(array)):
+    return None
+  return array
+
+
 def decode_text(value) -> str | None:
   """A stripped caption string, or None if the value is not usable text."""
   if isinstance(value, np.ndarray):
@@ -88,14 +107,25 @@ def decode_text(value) -> str | None:
 
 
 class _PreprocessRecord:
-  """Record -> {'image': float32 in [-1, 1], 'tokens': int32} or a skip marker (picklable)."""
+  """Record -> {'image': float32, 'tokens': int32} or a skip marker (picklable).
 
-  def __init__(self, tokenizer: Tokenizer, image_size, max_text_len, image_key, text_key):
+  The image is pixels scaled to [-1, 1], or with ``latent_channels`` a latent taken as it is.
+  """
+
+  def __init__(self, tokenizer: Tokenizer, image_size, max_text_len, image_key, text_key,
+               latent_channels: int | None = None):
     self._tokenizer = tokenizer
     self._image_size = image_size
     self._max_text_len = max_text_len
     self._image_key = image_key
     self._text_key = text_key
+    self._latent_channels = latent_channels
+
+  def _image(self, value) -> np.ndarray | None:
+    if self._latent_channels is not None:
+      return decode_latent(value, self._image_size, self._latent_channels)
+    image = decode_image(value, self._image_size)
+    return None if image is None else image.astype(np.float32) / 127.5 - 1.0
 
   def __call__(self, record):
     if isinstance(record, Skipped):
@@ -104,17 +134,14 @@ class _PreprocessRecord:
       return Skipped(f"record is a {type(record).__name__}, not a dict")
     if self._image_key not in record or self._text_key not in record:
       return Skipped("missing image or text feature")
-    image = decode_image(record[self._image_key], self._image_size)
+    image = self._image(record[self._image_key])
     if image is None:
-      return Skipped("undecodable image or wrong shape")
+      return Skipped("undecodable image, non-finite latent or wrong shape")
     text = decode_text(record[self._text_key])
     if text is None:
       return Skipped("empty or non-text caption")
     tokens = self._tokenizer.encode_batch([text], self._max_text_len)[0]
-    return {
-      "image": image.astype(np.float32) / 127.5 - 1.0,
-      "tokens": tokens,
-    }
+    return {"image": image, "tokens": tokens}
 
 
 class SkipCountingBatchIterator(grain.DatasetIterator):
@@ -206,9 +233,14 @@ def make_dataset_iterator(
   read_threads: int = 4,
   shard_index: int | None = None,
   shard_count: int | None = None,
+  latent_channels: int | None = None,
 ) -> grain.DatasetIterator:
   """Batches of this process's shard: {'image' (B,H,W,C) f32 in [-1,1], 'tokens' (B,L) i32,
   'num_skipped' i32}.
+
+  ``latent_channels`` reads the image feature as float latents of shape (image_size,
+  image_size, latent_channels), unscaled; None reads uint8 RGB pixels. ``tokenizer`` is any
+  object with ``encode_batch(texts, max_len) -> int32 (N, max_len)``.
 
   ``batch_size`` is per process. ``num_epochs=None`` repeats forever (training), 1 is a single
   pass (eval). Each epoch is shuffled differently but deterministically from ``seed``.
@@ -240,7 +272,8 @@ def make_dataset_iterator(
     dataset = dataset.shuffle(seed=seed)
   if num_epochs != 1:
     dataset = dataset.repeat(num_epochs)
-  dataset = dataset.map(_PreprocessRecord(tokenizer, image_size, max_text_len, image_key, text_key))
+  dataset = dataset.map(_PreprocessRecord(tokenizer, image_size, max_text_len, image_key, text_key,
+                                          latent_channels))
   iter_dataset = dataset.to_iter_dataset(
     grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, 16))
   )

@@ -7,6 +7,8 @@ image depends only on its own prompt and noise, never on what else is in the bat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -24,6 +26,7 @@ def generate(
   method: str = "euler",
   shift: float = 1.0,
   capacity_factor: float | None = None,
+  encode_text: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None,
 ) -> jax.Array:
   """Integrates the model's velocity from noise (t=1) to an image (t=0).
 
@@ -32,12 +35,15 @@ def generate(
     tokens: (B, L) prompt tokens; null_tokens: (L,) the empty caption's tokens.
     noise: (B, H, W, C) starting noise (draw it per image from a seed for reproducibility).
     capacity_factor: expert-choice capacity at inference; None uses the config's eval value.
+    encode_text: tokens (B, L) -> (context (B, L, width), lengths (B,)); default
+      ``model.encode_text``. A frozen pretrained encoder outside the model goes here.
   Returns:
     (B, H, W, C) float32 samples, nominally in [-1, 1].
   """
-  context, lengths = model.encode_text(tokens)
+  encode_text = model.encode_text if encode_text is None else encode_text
+  context, lengths = encode_text(tokens)
   null = jnp.broadcast_to(null_tokens, tokens.shape)
-  null_context, null_lengths = model.encode_text(null)
+  null_context, null_lengths = encode_text(null)
 
   def model_fn(x, t, cond):
     ctx, ctx_lengths = cond

@@ -25,6 +25,7 @@ __all__ = [
   "flow_matching_loss",
   "caption_drop_mask",
   "drop_captions",
+  "drop_context",
 ]
 
 
@@ -132,3 +133,25 @@ def drop_captions(rng, tokens: jax.Array, null_tokens: jax.Array, drop_prob: flo
   drop = caption_drop_mask(rng, tokens.shape[0], drop_prob)
   drop = drop.reshape((tokens.shape[0],) + (1,) * (tokens.ndim - 1))
   return jnp.where(drop, null_tokens[None], tokens)
+
+
+def drop_context(
+  rng, context: jax.Array, lengths: jax.Array, null_context: jax.Array, null_length,
+  drop_prob: float
+) -> tuple[jax.Array, jax.Array]:
+  """Caption dropout for text that is already encoded (a frozen encoder outside the model).
+
+  Row ``b`` of ``context`` (B, L, D) and of ``lengths`` (B,) becomes ``null_context`` (L, D)
+  and ``null_length`` (the empty caption through the same encoder) with probability
+  ``drop_prob``. The rows dropped for a given ``rng`` are those ``drop_captions`` drops, so
+  dropping tokens before a row-wise encoder and dropping its outputs agree.
+  """
+  null_context = jnp.asarray(null_context, dtype=context.dtype)
+  if null_context.shape != context.shape[1:]:
+    raise ValueError(
+      f"null_context shape {null_context.shape} must equal context.shape[1:] = {context.shape[1:]}"
+    )
+  drop = caption_drop_mask(rng, context.shape[0], drop_prob)
+  context = jnp.where(drop[:, None, None], null_context[None], context)
+  lengths = jnp.where(drop, jnp.asarray(null_length, lengths.dtype), lengths)
+  return context, lengths

@@ -214,6 +214,7 @@ class ClipTextTransformer(nnx.Module):
   """Token ids -> per-token states after the final LayerNorm."""
 
   def __init__(self, config: ClipTextConfig, *, rngs, precision):
+    self.config = config
     self.embeddings = ClipTextEmbeddings(config, rngs=rngs)
     self.encoder = ClipEncoder(config, rngs=rngs, precision=precision)
     self.final_layer_norm = _layer_norm(config.hidden_size, config.layer_norm_eps, rngs)
@@ -324,6 +325,25 @@ def load_clip(model_dir: str | os.PathLike, *,
   abstract = nnx.eval_shape(lambda: ClipModel(config, rngs=ParamKeys(0), precision=precision))
   with contextlib.closing(open_checkpoint(model_dir)) as reader:
     return load_parameters(abstract, reader)
+
+
+def load_clip_text(model_dir: str | os.PathLike, *,
+                   precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST
+                   ) -> ClipTextTransformer:
+  """The text tower alone, from a ``CLIPModel`` or a text-only ``CLIPTextModel`` directory.
+
+  A ``CLIPModel`` config.json nests the tower's settings under ``text_config``; a
+  ``CLIPTextModel`` one (e.g. a Stable Diffusion ``text_encoder`` folder) has them at the top.
+  Both store the tower's weights under ``text_model.``; nothing of the vision tower is read.
+  """
+  model_dir = os.fspath(model_dir)
+  with open(config_file(model_dir, "CLIP"), encoding="utf-8") as f:
+    values = json.load(f)
+  config = dataclass_from_mapping(ClipTextConfig, values.get("text_config") or values)
+  abstract = nnx.eval_shape(lambda: ClipTextTransformer(config, rngs=ParamKeys(0),
+                                                        precision=precision))
+  with contextlib.closing(open_checkpoint(model_dir)) as reader:
+    return load_parameters(abstract, reader, stored_key=lambda key: "text_model." + key)
 
 
 def _resize_and_crop(image: np.ndarray, image_size: int) -> np.ndarray:

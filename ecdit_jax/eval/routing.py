@@ -20,8 +20,12 @@ from ecdit_jax.eval import geneval_shapes as scorer
 
 
 def record_routing(graphdef, params, tokens, null_tokens, noise, *, num_steps: int,
-                   cfg_scale: float, capacity_factor: float | None = None):
-  """Returns (images (B, H, W, C) float32, counts (steps, moe_layers, B, S) int32)."""
+                   cfg_scale: float, capacity_factor: float | None = None, text_encoder=None):
+  """Returns (images (B, H, W, C) float32, counts (steps, moe_layers, B, S) int32).
+
+  ``text_encoder`` (with ``encode(params, tokens) -> (context, lengths)`` and ``params``, e.g. a
+  frozen pretrained encoder) encodes the prompts of a model without its own text encoder.
+  """
 
   @jax.jit
   def velocity_and_counts(params, x, t, context, lengths):
@@ -37,8 +41,11 @@ def record_routing(graphdef, params, tokens, null_tokens, noise, *, num_steps: i
     return nnx.merge(graphdef, params).encode_text(tokens)
 
   batch = tokens.shape[0]
-  context, lengths = encode(params, jnp.concatenate(
-      [jnp.asarray(tokens), jnp.broadcast_to(null_tokens, tokens.shape)]))
+  both = jnp.concatenate([jnp.asarray(tokens), jnp.broadcast_to(null_tokens, tokens.shape)])
+  if text_encoder is None:
+    context, lengths = encode(params, both)
+  else:
+    context, lengths = jax.jit(text_encoder.encode)(text_encoder.params, both)
   times = np.asarray(sampling_timesteps(num_steps))
   x = jnp.asarray(noise, jnp.float32)
   counts = []

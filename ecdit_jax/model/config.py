@@ -17,6 +17,10 @@ ROUTERS = ("expert_choice", "token_choice")
 MOE_LAYOUTS = ("every_other", "every", "none")
 REMAT_POLICIES = ("none", "block", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# "scratch": the small transformer of model/text.py, trained with the DiT. "t5" / "clip": a
+# frozen pretrained encoder outside the model (train/text_conditioning.py); the DiT then gets its
+# last hidden states as the context and has no text parameters of its own.
+TEXT_ENCODERS = ("scratch", "t5", "clip")
 
 
 class ConfigError(ValueError):
@@ -52,7 +56,11 @@ class ModelConfig:
   token_choice_capacity_factor: float = 1.25  # buffer slack for token-choice dispatch
   load_balance_loss_weight: float = 0.01  # token-choice only; expert-choice needs none
 
-  # Text conditioning: a small transformer trained from scratch by default.
+  # Text conditioning: a small transformer trained from scratch by default, or a frozen
+  # pretrained encoder (text_encoder="t5" or "clip"; its weights are config.pretrained's).
+  # text_max_len is the padded prompt length either way; text_hidden_size is the context width,
+  # which a pretrained encoder fixes; vocab size, layers and heads shape the scratch encoder only.
+  text_encoder: str = "scratch"
   text_vocab_size: int = 32128
   text_max_len: int = 32
   text_hidden_size: int = 512
@@ -83,6 +91,10 @@ class ModelConfig:
     _validate(self)
 
   # Derived quantities -------------------------------------------------------------------------
+  @property
+  def has_pretrained_text_encoder(self) -> bool:
+    return self.text_encoder != "scratch"
+
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
@@ -160,7 +172,9 @@ def _validate(c: ModelConfig) -> None:
   _check(c.kv_heads >= 1 and c.num_heads % c.kv_heads == 0,
          f"config.model.num_kv_heads={c.num_kv_heads} must be >= 1 and divide "
          f"config.model.num_heads={c.num_heads}")
-  _check(c.text_hidden_size % c.text_num_heads == 0,
+  _check(c.text_encoder in TEXT_ENCODERS,
+         f"config.model.text_encoder={c.text_encoder!r} must be one of {TEXT_ENCODERS}")
+  _check(c.has_pretrained_text_encoder or c.text_hidden_size % c.text_num_heads == 0,
          f"config.model.text_num_heads={c.text_num_heads} must divide "
          f"config.model.text_hidden_size={c.text_hidden_size}")
   _check(c.mlp_ratio > 0, f"config.model.mlp_ratio={c.mlp_ratio} must be > 0")

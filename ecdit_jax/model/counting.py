@@ -57,7 +57,8 @@ def experts_per_token(config: ModelConfig) -> float:
 def count_params(config: ModelConfig, model: TextToImageDiT | None = None) -> ParamCounts:
   """Counts ``model`` (built abstractly from ``config`` when not given)."""
   model = abstract_model(config) if model is None else model
-  text = _size(nnx.state(model.text_encoder, nnx.Param))
+  # A frozen pretrained text encoder lives outside the model: it has no trainable parameters.
+  text = 0 if model.text_encoder is None else _size(nnx.state(model.text_encoder, nnx.Param))
   backbone = _size(nnx.state(model.dit, nnx.Param))
   experts = sum(_size(nnx.state(block.ffn.experts, nnx.Param))
                 for block in model.dit.blocks if block.is_moe)

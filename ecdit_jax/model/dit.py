@@ -168,16 +168,28 @@ class TextToImageDiT(nnx.Module):
   """Text encoder + DiT: ``model(x_t, t, tokens) -> (velocity, aux)``.
 
   ``encode_text`` and ``dit`` are exposed separately so that a sampler encodes the prompt once
-  and reuses the embeddings at every step.
+  and reuses the embeddings at every step. With a frozen pretrained text encoder
+  (``config.text_encoder`` "t5" or "clip") the model holds no text encoder: the caller encodes
+  the text outside it and calls ``dit`` (or ``from_context``) with the context.
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.text_encoder = TextEncoder(config, rngs=rngs)
+    self.text_encoder = (None if config.has_pretrained_text_encoder
+                         else TextEncoder(config, rngs=rngs))
     self.dit = DiT(config, rngs=rngs)
 
   def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if self.text_encoder is None:
+      raise ValueError(f"config.model.text_encoder={self.config.text_encoder!r} is a frozen "
+                       "pretrained encoder outside the model: encode the text with it and call "
+                       "the model's dit (or from_context) with the context")
     return self.text_encoder(tokens)
+
+  def from_context(self, x_t: jax.Array, t: jax.Array, context: jax.Array,
+                   context_lengths: jax.Array, **kwargs):
+    """The velocity given already-encoded text (B, L, text_hidden_size) and its lengths."""
+    return self.dit(x_t, t, context, context_lengths, **kwargs)
 
   def __call__(self, x_t: jax.Array, t: jax.Array, tokens: jax.Array, **kwargs):
     context, lengths = self.encode_text(tokens)

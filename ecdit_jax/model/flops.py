@@ -26,8 +26,10 @@ Conventions (tests/model/test_flops.py checks the counts against traced forward 
   training. The patch embedding still runs on every token (the model embeds before it drops
   tokens), so it is always counted at config.num_tokens.
 * ``total`` is everything one call of TextToImageDiT computes: ``backbone`` (the DiT) plus
-  ``text_encoder`` (the prompt's encoding, once per image). Samplers encode the prompt once and
-  run the DiT every step, so benchmarks of the DiT alone use ``backbone``.
+  ``text_encoder`` (the prompt's encoding, once per image). A frozen pretrained text encoder
+  (``text_encoder`` "t5" or "clip") is not part of the model and counts 0 here: its size is
+  known only from its weights. Samplers encode the prompt once and run the DiT every step, so
+  benchmarks of the DiT alone use ``backbone``.
 * Training is 3 x forward (the backward pass taken as 2 x forward), for every entry. No remat
   recompute, loss or optimizer work is included. The traced backward is slightly cheaper: the
   matmuls whose input needs no gradient (the patch embedding, the timestep MLP's first layer,
@@ -95,11 +97,16 @@ def moe_capacity(config: ModelConfig, group_tokens: int, *, train: bool = True,
 
 
 def text_encoder_flops(config: ModelConfig, text_tokens: int | None = None) -> int:
-  """One prompt through the text encoder: per layer, 4 w x w projections, attention, a 4w FFN."""
+  """One prompt through the text encoder: per layer, 4 w x w projections, attention, a 4w FFN.
+
+  0 for a frozen pretrained encoder, which is not part of the model.
+  """
   length = config.text_max_len if text_tokens is None else text_tokens
   if not 1 <= length <= config.text_max_len:
     raise ValueError(f"text_tokens={length} must be in [1, config.model.text_max_len="
                      f"{config.text_max_len}]")
+  if config.has_pretrained_text_encoder:
+    return 0
   width = config.text_hidden_size
   projections = 4 * matmul_flops(length, width, width)  # q, k, v, out: full heads
   attention = 2 * matmul_flops(length, length, width)  # q k^T and p v

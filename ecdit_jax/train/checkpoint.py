@@ -10,6 +10,7 @@ interrupted by a kill leaves the previous checkpoints intact and is ignored on r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -17,7 +18,7 @@ import grain
 from etils import epath
 import orbax.checkpoint as ocp
 
-from ecdit_jax.model import ConfigError
+from ecdit_jax.model import ConfigError, ModelConfig
 
 
 class Checkpointer:
@@ -68,7 +69,11 @@ class Checkpointer:
 
 def check_same_model(saved: dict, current: dict) -> None:
   """A workdir's checkpoints belong to one model; refuse to resume with a different one."""
-  saved_model, current_model = saved.get("model", {}), current.get("model", {})
+  # A key added to ModelConfig after a run was saved holds its default there (for example
+  # text_encoder="scratch"), so that older workdirs still resume.
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  saved_model = {**defaults, **saved.get("model", {})}
+  current_model = {**defaults, **current.get("model", {})}
   changed = sorted(k for k in set(saved_model) | set(current_model)
                    if saved_model.get(k) != current_model.get(k))
   if changed:

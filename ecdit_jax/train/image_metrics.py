@@ -40,6 +40,9 @@ def reference_dataset(config: ml_collections.ConfigDict, reference: str,
   (config and version may be part of NAME; split defaults to ``test``) under ``data_dir``
   (default: the run's ``config.data.data_dir``)."""
   image_key, text_key = config.data.image_key, config.data.text_key
+  if not reference and input_pipeline.latent_dir(config) is not None:
+    raise ValueError(f"the run trained on {config.data.dataset} (latents, no test split, no "
+                     "real images): pass --reference=tfds:NAME[:SPLIT]")
   if not reference:
     source = input_pipeline.data_source(config, "test")
     return Reference(source, f"{config.data.dataset} (test split)", image_key, text_key)

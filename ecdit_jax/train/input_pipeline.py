@@ -1,7 +1,13 @@
-"""Wires config.data to the data package: dataset on disk, tokenizer, per-process iterator."""
+"""Wires config.data to the data package: dataset on disk, tokenizer, per-process iterator.
+
+``config.data.dataset`` is "geneval_shapes" (generated on first use), the name of a prepared
+TFDS image-text dataset, or "latents:DIR": VAE latents written by ``ecdit_jax.precompute``
+(records "latent"/"caption", one split that training reads whole).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -10,10 +16,30 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ecdit_jax.data import geneval_shapes_tfds, pipeline, tokenizer as tokenizer_lib
+from ecdit_jax.data import geneval_shapes_tfds, latents, pipeline, tokenizer as tokenizer_lib
 from ecdit_jax.model import ConfigError, ModelConfig
 
 TOKENIZER_FILE = "tokenizer.model"  # copied into the workdir so that sampling needs no data_dir
+LATENTS_PREFIX = "latents:"
+LATENT_RECORD_KEYS = ("latent", "caption")  # what ecdit_jax.data.latents records hold
+
+
+def latent_dir(config: ml_collections.ConfigDict) -> str | None:
+  """DIR of ``config.data.dataset = "latents:DIR"``; None for image datasets."""
+  dataset = config.data.dataset
+  if not dataset.startswith(LATENTS_PREFIX):
+    return None
+  directory = dataset[len(LATENTS_PREFIX):]
+  if not directory:
+    raise ConfigError(f"config.data.dataset={dataset!r}: give the directory, latents:DIR")
+  return os.path.expanduser(directory)
+
+
+def record_keys(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(image key, text key) of the dataset's records."""
+  if latent_dir(config) is not None:
+    return LATENT_RECORD_KEYS
+  return config.data.image_key, config.data.text_key
 
 
 def data_dir(config: ml_collections.ConfigDict) -> str:
@@ -24,6 +50,12 @@ def data_source(config: ml_collections.ConfigDict, split: str):
   """Random-access source for ``split``: GenEval-Shapes is generated here on first use; any
   other TFDS dataset must already be prepared under data_dir (ArrayRecord)."""
   dcfg = config.data
+  directory = latent_dir(config)
+  if directory is not None:
+    if split != "train":
+      raise ValueError(f"config.data.dataset={dcfg.dataset!r} has one split, read whole for "
+                       f"training; there is no {split!r} split")
+    return latents.LatentSource(directory)
   if dcfg.dataset == "geneval_shapes":
     builder = geneval_shapes_tfds.prepare(
         data_dir(config), image_size=config.model.image_size, num_train=dcfg.num_train,
@@ -42,11 +74,12 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, source):
     return tokenizer_lib.load_tokenizer(in_workdir)
   dcfg = config.data
   cache = os.path.join(data_dir(config), "tokenizers",
-                       f"{dcfg.dataset}_{dcfg.generator_seed}_{dcfg.num_train}_"
+                       f"{_cache_name(config)}_{dcfg.generator_seed}_{dcfg.num_train}_"
                        f"v{dcfg.tokenizer_vocab_size}.model")
   os.makedirs(os.path.dirname(cache), exist_ok=True)
+  _, text_key = record_keys(config)
   tok = tokenizer_lib.get_or_train_tokenizer(
-      dcfg.tokenizer_path or None, cache, lambda: pipeline.read_captions(source, dcfg.text_key),
+      dcfg.tokenizer_path or None, cache, lambda: pipeline.read_captions(source, text_key),
       dcfg.tokenizer_vocab_size)
   src = dcfg.tokenizer_path or cache
   if jax.process_index() == 0:
@@ -55,6 +88,41 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, source):
     tmp.write_bytes(epath.Path(src).read_bytes())
     tmp.rename(in_workdir)
   return tok
+
+
+def _cache_name(config: ml_collections.ConfigDict) -> str:
+  """A file name for the dataset: a latent directory's path holds slashes, so it becomes its
+  last component and a hash of the whole path (two directories named alike stay apart)."""
+  directory = latent_dir(config)
+  if directory is None:
+    return config.data.dataset
+  path = os.path.abspath(directory)
+  digest = hashlib.sha256(path.encode("utf-8")).hexdigest()[:12]
+  return f"latents_{os.path.basename(path.rstrip(os.sep)) or 'root'}_{digest}"
+
+
+def check_latent_shape(config: ml_collections.ConfigDict, source) -> None:
+  """For a latent dataset: its latent shape (info.json, else the first record's) must be
+  (image_size, image_size, in_channels) of config.model; the error names the keys to change."""
+  directory = latent_dir(config)
+  if directory is None:
+    return
+  info = latents.read_info(directory)
+  if info is not None and info.get("latent_shape"):
+    shape, where = tuple(int(n) for n in info["latent_shape"]), f"{directory}/{latents.INFO_FILE}"
+  else:
+    shape, where = tuple(source[0]["latent"].shape), f"the first record of {directory}"
+  model = config.model
+  expected = (model.image_size, model.image_size, model.in_channels)
+  if shape == expected:
+    return
+  wrong = []
+  if len(shape) != 3 or shape[0] != shape[1] or shape[0] != model.image_size:
+    wrong.append(f"config.model.image_size={model.image_size}")
+  if len(shape) != 3 or shape[2] != model.in_channels:
+    wrong.append(f"config.model.in_channels={model.in_channels}")
+  raise ConfigError(f"latents of shape {shape} ({where}) do not match {' and '.join(wrong)}: "
+                    f"the model expects {expected}")
 
 
 def check_tokenizer_fits(tok, model_config: ModelConfig) -> None:
@@ -71,8 +139,10 @@ def null_tokens(tok, max_len: int) -> np.ndarray:
 def train_iterator(config: ml_collections.ConfigDict, source, tok):
   """This process's share of the global batch, repeated forever, shuffled from config.seed."""
   per_process = config.batch_size // jax.process_count()
+  image_key, text_key = record_keys(config)
+  on_latents = latent_dir(config) is not None
   return pipeline.make_dataset_iterator(
       source, tokenizer=tok, batch_size=per_process, image_size=config.model.image_size,
-      max_text_len=config.model.text_max_len, seed=config.seed,
-      image_key=config.data.image_key, text_key=config.data.text_key,
-      worker_count=config.data.worker_count)
+      max_text_len=config.model.text_max_len, seed=config.seed, image_key=image_key,
+      text_key=text_key, worker_count=config.data.worker_count,
+      latent_channels=config.model.in_channels if on_latents else None)

@@ -22,7 +22,7 @@ from PIL import Image
 from ecdit_jax.model import ConfigError, ModelConfig
 from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.train import sharding
-from ecdit_jax.train import geneval, input_pipeline
+from ecdit_jax.train import geneval, input_pipeline, pretrained, text_conditioning
 from ecdit_jax.train.checkpoint import Checkpointer, check_same_model
 from ecdit_jax.train.metrics import MetricWriter, Progress, log_line, name_moe_layers
 from ecdit_jax.train.optimizer import LR_DECAYS, make_optimizer
@@ -76,6 +76,7 @@ def validate_config(config: ml_collections.ConfigDict):
         f"config.data.dataset={config.data.dataset!r}; set it to 0")
   check(config.eval.num_per_category >= 1 and config.eval.batch_size >= 1,
         "config.eval.num_per_category and config.eval.batch_size must be >= 1")
+  pretrained.check_config(config, model_config)
   mesh = mesh_lib.create_mesh(config.mesh)
   n_expert = mesh.shape["expert"]
   check(model_config.moe_layout == "none" or model_config.num_experts % n_expert == 0,
@@ -135,8 +136,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   model_config, mesh = validate_config(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   source = input_pipeline.data_source(config, "train")
-  tokenizer = input_pipeline.tokenizer_for(config, workdir, source)
-  input_pipeline.check_tokenizer_fits(tokenizer, model_config)
+  input_pipeline.check_latent_shape(config, source)
+  makes_images = config.sample_every_steps or config.eval_every_steps  # only they need the VAE
+  frozen = _Frozen(pretrained.load_text_encoder(config, model_config),
+                   pretrained.load_vae(config, model_config) if makes_images else None, mesh)
+  if frozen.text_encoder is None:
+    tokenizer = input_pipeline.tokenizer_for(config, workdir, source)
+    input_pipeline.check_tokenizer_fits(tokenizer, model_config)
+  else:  # the pretrained encoder's vocabulary; nothing to train or copy into the workdir
+    tokenizer = frozen.text_encoder.tokenizer
   null_tokens = input_pipeline.null_tokens(tokenizer, model_config.text_max_len)
   iterator = input_pipeline.train_iterator(config, source, tokenizer)
   optimizer = make_optimizer(config)
@@ -146,26 +154,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                   checkpointer, iterator, workdir, mesh)
     with jax.set_mesh(mesh):
       return _train(config, model_config, workdir, graphdef, state, shardings, mesh, optimizer,
-                    iterator, checkpointer, tokenizer, null_tokens)
+                    iterator, checkpointer, tokenizer, null_tokens, frozen)
   finally:
     checkpointer.close()  # waits for an async save: a finished run leaves complete checkpoints
 
 
+class _Frozen:
+  """The frozen networks replicated on the mesh: the text encoder (batch encoding, the null
+  caption's encoding) and the VAE; either may be None. Only the replicated copies are kept."""
+
+  def __init__(self, text_encoder, vae, mesh):
+    self.null_context = None
+    self.encode_batch = lambda batch: batch
+    self.text_encoder = None if text_encoder is None else text_encoder.placed(mesh)
+    self.vae = None if vae is None else vae.placed(mesh)
+    if self.text_encoder is not None:
+      with jax.set_mesh(mesh):
+        self.null_context = self.text_encoder.null_caption()
+      self.encode_batch = text_conditioning.make_batch_encoder(self.text_encoder, mesh)
+
+
 def _train(config, model_config, workdir, graphdef, state, shardings, mesh, optimizer, iterator,
-           checkpointer, tokenizer, null_tokens) -> TrainState:
+           checkpointer, tokenizer, null_tokens, frozen) -> TrainState:
   start, total = int(state.step), config.num_train_steps
   if start >= total:
     log_line(f"step {start} >= config.num_train_steps={total}: nothing to train")
     return state
+  # A frozen text encoder turns the batch's tokens into context before the step (encode_batch).
+  batch_ranks = (text_conditioning.CONTEXT_BATCH_RANKS if frozen.text_encoder is not None
+                 else sharding.TOKEN_BATCH_RANKS)
   steps = {masked: sharding.jit_train_step(
-      make_train_step(graphdef, model_config, config, optimizer, null_tokens, masked=masked),
-      shardings, mesh) for masked in {False, config.diffusion.mask_ratio > 0}}
+      make_train_step(graphdef, model_config, config, optimizer, null_tokens, masked=masked,
+                      null_context=frozen.null_context),
+      shardings, mesh, batch_ranks) for masked in {False, config.diffusion.mask_ratio > 0}}
   unmasked_from = total - config.diffusion.unmasked_final_steps
   sampler = None
   if config.sample_every_steps or config.eval_every_steps:
     sampler = make_sampler(graphdef, model_config, num_steps=config.sample.num_steps,
                            cfg_scale=config.sample.cfg_scale, method=config.sample.method,
-                           param_shardings=shardings.ema_params, mesh=mesh)
+                           param_shardings=shardings.ema_params, mesh=mesh,
+                           text_encoder=frozen.text_encoder, vae=frozen.vae)
     prompt_tokens = tokenizer.encode_batch(list(config.sample.prompts), model_config.text_max_len)
   writer = MetricWriter(workdir)
   progress = Progress(start, total, config.batch_size)
@@ -190,7 +218,8 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
       batch = next(iterator)
       skipped_records += int(batch.pop("num_skipped"))
       masked = config.diffusion.mask_ratio > 0 and step < unmasked_from
-      state, metrics = steps[masked](state, sharding.global_batch(batch, mesh))
+      batch = frozen.encode_batch(sharding.global_batch(batch, mesh))
+      state, metrics = steps[masked](state, batch)
       if pending is not None:
         check(*pending)
       pending, done = (step + 1, metrics), step + 1
@@ -235,7 +264,8 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
 
 def _write_samples(sampler, state, prompt_tokens, null_tokens, config, workdir, writer, step):
   images = to_uint8(sampler(state.ema_params, prompt_tokens, null_tokens, config.seed))
-  grid = sample_grid(images, list(config.sample.prompts))
+  # Small images are enlarged to cells of at least 128 pixels; decoded latents keep their size.
+  grid = sample_grid(images, list(config.sample.prompts), scale=max(1, 128 // images.shape[2]))
   if jax.process_index() == 0:
     outdir = epath.Path(workdir) / "samples"
     outdir.mkdir(parents=True, exist_ok=True)

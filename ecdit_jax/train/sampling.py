@@ -18,34 +18,49 @@ from ecdit_jax.model import ModelConfig
 
 def make_sampler(graphdef: nnx.GraphDef, model_config: ModelConfig, *, num_steps: int,
                  cfg_scale: float, method: str, capacity_factor: float | None = None,
-                 param_shardings=None, mesh=None):
+                 param_shardings=None, mesh=None, text_encoder=None, vae=None):
   """sampler(params, tokens, null_tokens, seed, first_index) -> (B, H, W, C) float32.
 
   Image ``first_index + i`` of a run is drawn from noise keyed by (seed, first_index + i), so a
   prompt's image does not depend on how prompts are batched. With ``param_shardings`` and
   ``mesh`` (training on a mesh) the parameters stay in their shards, prompts and images are
   replicated; call the sampler inside ``jax.set_mesh(mesh)``.
+
+  ``text_encoder`` (a ``text_conditioning.FrozenTextEncoder``) encodes the prompts for a model
+  without its own text encoder; ``vae`` (a ``pretrained.FrozenVae``) decodes the sampled latents
+  of a latent-space model, and the sampler then returns images (B, h f, w f, 3) nominally in
+  [-1, 1]. Both networks' parameters are arguments of the jitted function, not constants of
+  it, and replicated on the mesh (pass them already placed there).
   """
   shape = (model_config.image_size, model_config.image_size, model_config.in_channels)
   jit_kwargs = {}
   if mesh is not None:
     whole = NamedSharding(mesh, PartitionSpec())
-    jit_kwargs = dict(in_shardings=(param_shardings, whole, whole, whole, whole),
+    jit_kwargs = dict(in_shardings=(param_shardings, whole, whole, whole, whole, whole, whole),
                       out_shardings=whole)
 
   @functools.partial(jax.jit, **jit_kwargs)
-  def run(params, tokens, null_tokens, seed, indices):
+  def run(params, text_params, vae_params, tokens, null_tokens, seed, indices):
     model = nnx.merge(graphdef, params)
     seed_key = jax.random.key(seed)
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(seed_key, i), shape))(
         indices)
-    return generate(model, tokens, null_tokens, noise, num_steps=num_steps,
-                    cfg_scale=cfg_scale, method=method, capacity_factor=capacity_factor)
+    encode_text = None
+    if text_encoder is not None:
+      encode_text = functools.partial(text_encoder.encode, text_params)
+    samples = generate(model, tokens, null_tokens, noise, num_steps=num_steps,
+                       cfg_scale=cfg_scale, method=method, capacity_factor=capacity_factor,
+                       encode_text=encode_text)
+    return samples if vae is None else vae.decode(vae_params, samples)
+
+  text_params = None if text_encoder is None else text_encoder.params
+  vae_params = None if vae is None else vae.params
 
   def sampler(params, tokens, null_tokens, seed: int, first_index: int = 0):
     # Host (numpy) inputs: valid in every process of a multi-process run.
     indices = np.arange(first_index, first_index + len(tokens), dtype=np.int32)
-    return run(params, np.asarray(tokens), np.asarray(null_tokens), np.uint32(seed), indices)
+    return run(params, text_params, vae_params, np.asarray(tokens), np.asarray(null_tokens),
+               np.uint32(seed), indices)
 
   return sampler
 

@@ -87,9 +87,16 @@ def init_train_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh
   return graphdef, state, shardings
 
 
-def jit_train_step(train_step, shardings: TrainState, mesh: Mesh):
+TOKEN_BATCH_RANKS = {"image": 4, "tokens": 2}
+
+
+def jit_train_step(train_step, shardings: TrainState, mesh: Mesh,
+                   batch_ranks: dict[str, int] | None = None):
   """The step jitted with the state's shardings in and out and the batch split over the batch
-  axes; call it inside ``jax.set_mesh(mesh)`` so MoE layers see the expert axis."""
-  batch = {"image": mesh_lib.batch_sharding(mesh, 4), "tokens": mesh_lib.batch_sharding(mesh, 2)}
+  axes; call it inside ``jax.set_mesh(mesh)`` so MoE layers see the expert axis.
+
+  ``batch_ranks`` gives the batch's keys and their ranks (default: image and tokens)."""
+  ranks = TOKEN_BATCH_RANKS if batch_ranks is None else batch_ranks
+  batch = {key: mesh_lib.batch_sharding(mesh, rank) for key, rank in ranks.items()}
   return jax.jit(train_step, in_shardings=(shardings, batch),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)

@@ -41,13 +41,20 @@ def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, model_config: ModelConfig,
-                 config: ml_collections.ConfigDict, null_tokens: jax.Array, masked: bool):
-  """loss_fn(params, batch, rng) -> (total loss, (velocity loss, aux))."""
+                 config: ml_collections.ConfigDict, null_tokens: jax.Array | None, masked: bool,
+                 null_context: tuple[jax.Array, jax.Array] | None = None):
+  """loss_fn(params, batch, rng) -> (total loss, (velocity loss, aux)).
+
+  The batch holds the text in one of two forms, chosen when tracing: ``tokens`` (B, L) for the
+  model's own text encoder, dropped to ``null_tokens``; or ``context`` (B, L, width) with
+  ``context_lengths`` (B,), encoded beforehand by a frozen encoder, dropped to ``null_context``
+  = (the empty caption's context (L, width), its length).
+  """
   dcfg = config.diffusion
 
   def loss_fn(params, batch: Batch, rng: jax.Array):
     model = nnx.merge(graphdef, params)
-    x0, tokens = batch["image"], batch["tokens"]
+    x0 = batch["image"]
     batch_size = x0.shape[0]
     k_time, k_noise, k_drop, k_mask = jax.random.split(rng, 4)
     t = diffusion.sample_timesteps(k_time, batch_size, loc=dcfg.timestep_loc,
@@ -55,14 +62,24 @@ def make_loss_fn(graphdef: nnx.GraphDef, model_config: ModelConfig,
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = diffusion.add_noise(x0, noise, t)
     target = diffusion.velocity_target(x0, noise)
-    tokens = diffusion.drop_captions(k_drop, tokens, null_tokens, dcfg.caption_dropout)
+    if "context" in batch:
+      if null_context is None:
+        raise ValueError("a batch of encoded text (context) needs null_context")
+      context, lengths = diffusion.drop_context(k_drop, batch["context"],
+                                                batch["context_lengths"], *null_context,
+                                                dcfg.caption_dropout)
+      forward = lambda **kwargs: model.from_context(x_t, t, context, lengths, **kwargs)
+    else:
+      tokens = diffusion.drop_captions(k_drop, batch["tokens"], null_tokens,
+                                       dcfg.caption_dropout)
+      forward = lambda **kwargs: model(x_t, t, tokens, **kwargs)
     if masked:
       keep = diffusion.random_keep_indices(k_mask, batch_size, model_config.num_tokens,
                                            dcfg.mask_ratio)
-      pred, aux = model(x_t, t, tokens, keep_index=keep, train=True)
+      pred, aux = forward(keep_index=keep, train=True)
       target = diffusion.gather_tokens(patchify(target, model_config.patch_size), keep)
     else:
-      pred, aux = model(x_t, t, tokens, train=True)
+      pred, aux = forward(train=True)
     loss = diffusion.flow_matching_loss(pred, target)
     aux = {k: v for k, v in aux.items() if k != "token_counts"}  # per-token maps: analysis only
     return loss + aux["aux_loss"], (loss, aux)
@@ -72,9 +89,12 @@ def make_loss_fn(graphdef: nnx.GraphDef, model_config: ModelConfig,
 
 def make_train_step(graphdef: nnx.GraphDef, model_config: ModelConfig,
                     config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
-                    null_tokens: jax.Array, *, masked: bool) -> Callable:
-  """Returns train_step(state, batch) -> (state, metrics), not yet jitted."""
-  loss_fn = make_loss_fn(graphdef, model_config, config, null_tokens, masked)
+                    null_tokens: jax.Array | None, *, masked: bool,
+                    null_context: tuple[jax.Array, jax.Array] | None = None) -> Callable:
+  """Returns train_step(state, batch) -> (state, metrics), not yet jitted.
+
+  ``batch`` holds tokens or encoded context (see ``make_loss_fn``)."""
+  loss_fn = make_loss_fn(graphdef, model_config, config, null_tokens, masked, null_context)
   grad_fn = jax.grad(loss_fn, has_aux=True)
   accum = config.grad_accum_steps
   schedule = learning_rate_schedule(config)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from configs import default, ecdit
+from configs import default, ecdit, t2i_256
 from ecdit_jax.model import ModelConfig
-from ecdit_jax.model.presets import BACKBONES, preset_names
+from ecdit_jax.model.presets import BACKBONES, model_overrides, preset_names
 
 
 def test_default_config_is_a_valid_tiny_ec_model():
@@ -34,3 +34,20 @@ def test_m64e_uses_38_layers():
 def test_unknown_flag_is_rejected():
   with pytest.raises(ValueError, match="runlocal"):
     ecdit.get_config("XL-32E,fast")
+
+
+@pytest.mark.parametrize("variant", t2i_256.VARIANTS)
+def test_t2i_256_variants_train_on_latents_with_a_frozen_t5(variant):
+  config = t2i_256.get_config(variant)
+  model = ModelConfig.from_mapping(config.model)
+  assert (model.image_size, model.in_channels, model.patch_size) == (32, 4, 2)
+  assert model.text_encoder == "t5" and model.text_hidden_size == 4096
+  assert model.hidden_size == ModelConfig(**model_overrides(variant)).hidden_size
+  assert config.data.dataset == "latents:" and config.batch_size == 4096
+  local = t2i_256.get_config(variant + ",runlocal")
+  local_model = ModelConfig.from_mapping(local.model)
+  # The random T5 of ecdit_jax.encoders.random_init (width 32) and its VAE (32 px -> 16x16x4).
+  assert (local_model.text_hidden_size, local_model.image_size) == (32, 16)
+  assert local_model.num_experts == model.num_experts
+  with pytest.raises(ValueError, match="XL-32E"):
+    t2i_256.get_config("B-8E")

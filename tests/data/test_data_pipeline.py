@@ -243,3 +243,35 @@ def test_worker_processes_batch_records_in_turn_deterministically_and_resume(tok
     _assert_same_batches(_take(resumed, 4), rest)
   finally:
     resumed.close()
+
+
+def test_latent_records_are_taken_unscaled_and_bad_latents_skipped(tokenizer):
+  """latent_channels reads float latents as they are; NaN/inf, wrong shapes, integer arrays and
+  channel counts other than the model's are bad records, counted like undecodable images."""
+  channels = 4
+
+  def latent(i):
+    return np.full((SIZE, SIZE, channels), 3.5 + i, np.float32)  # far outside [-1, 1]
+
+  nan_latent = latent(9)
+  nan_latent[3, 4, 1] = np.nan
+  inf_latent = latent(8)
+  inf_latent[0, 0, 0] = -np.inf
+  records = [
+    {"latent": latent(0), "caption": b"a circle"},
+    {"latent": nan_latent, "caption": b"a circle"},
+    {"latent": inf_latent, "caption": b"a circle"},
+    {"latent": np.zeros((SIZE, SIZE, 3), np.float32), "caption": b"a circle"},  # 3 channels
+    {"latent": np.zeros((8, 8, channels), np.float32), "caption": b"a circle"},  # wrong size
+    {"latent": np.zeros((SIZE, SIZE, channels), np.uint8), "caption": b"a circle"},  # not float
+    {"latent": latent(1).astype(np.float64), "caption": b"two squares"},
+  ]
+  batches = list(
+    _iterator(records, tokenizer, batch_size=2, shuffle=False, num_epochs=1, image_key="latent",
+              latent_channels=channels)
+  )
+  [batch] = batches
+  assert int(batch["num_skipped"]) == 5
+  assert batch["image"].dtype == np.float32 and batch["image"].shape == (2, SIZE, SIZE, channels)
+  np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], [3.5, 4.5])
+  assert [tokenizer.decode(t) for t in batch["tokens"]] == ["a circle", "two squares"]

@@ -123,6 +123,28 @@ def test_drop_captions_fraction_and_rows():
   np.testing.assert_array_equal(np.asarray(mask), is_null)
 
 
+def test_drop_context_replaces_the_rows_drop_captions_drops():
+  batch, length, width = 512, 6, 3
+  key = jax.random.key(11)
+  context = jax.random.normal(jax.random.key(12), (batch, length, width))
+  lengths = jnp.arange(batch, dtype=jnp.int32) % length + 1
+  null_context = jnp.full((length, width), -5.0)
+  dropped, dropped_lengths = jax.jit(rf.drop_context, static_argnums=5)(
+    key, context, lengths, null_context, 1, 0.3
+  )
+  row_ids = jnp.broadcast_to(jnp.arange(1, batch + 1)[:, None], (batch, length))
+  tokens_dropped = np.asarray(rf.drop_captions(key, row_ids, jnp.zeros((length,)), 0.3))
+  drop = np.all(tokens_dropped == 0, axis=1)
+  assert 0.2 < drop.mean() < 0.4
+  np.testing.assert_array_equal(np.asarray(dropped)[drop], -5.0 * np.ones((drop.sum(), length, width)))
+  np.testing.assert_array_equal(np.asarray(dropped)[~drop], np.asarray(context)[~drop])
+  np.testing.assert_array_equal(np.asarray(dropped_lengths)[drop], 1)
+  np.testing.assert_array_equal(np.asarray(dropped_lengths)[~drop], np.asarray(lengths)[~drop])
+  assert dropped_lengths.dtype == jnp.int32
+  with pytest.raises(ValueError, match="null_context"):
+    rf.drop_context(key, context, lengths, jnp.zeros((length,)), 1, 0.1)
+
+
 def test_drop_captions_extremes_and_embeddings():
   tokens = jax.random.normal(jax.random.key(7), (64, 3, 4))
   null_embedding = jnp.full((3, 4), -7.0)
