@@ -6,8 +6,9 @@ r"""Where expert choice spends compute while sampling: per token, sampling step 
 
 Without --prompts it uses GenEval-Shapes evaluation prompts (single and two objects). Writes
 OUT/images/NNNNN.png (the samples: the same images as ``ecdit_jax.sample`` with Euler and the
-same seed), OUT/heatmaps/NNNNN.png (each sample beside a map of experts per token, averaged over
-steps and MoE layers, dark = fewer), OUT/compute_by_step.png and OUT/compute_by_layer.png,
+same seed), OUT/heatmaps/NNNNN.png (each sample, a map of experts per token averaged over steps
+and MoE layers, dark = fewer, and the map laid over the sample), OUT/compute_by_step.png and
+OUT/compute_by_layer.png (experts per object token and per background token),
 OUT/counts.npy ((steps, moe_layers, images, tokens) experts per token) and OUT/summary.json,
 which includes the ratio of compute on object tokens to compute on background tokens. A model
 trained on VAE latents is analysed on its latent tokens; its images are the VAE's decodings
@@ -55,19 +56,29 @@ def _heat(values, vmax):
           * 255).astype(np.uint8)
 
 
-def _bar_chart(values, labels, title, path):
+_SERIES_COLOURS = {"object": (200, 60, 40), "background": (90, 90, 90)}
+
+
+def _bar_chart(rows, labels, title, path):
+  """Grouped bars: experts per object token and per background token for each row."""
   from PIL import Image, ImageDraw
-  width, height, pad = 40 * len(values) + 60, 260, 30
-  canvas = Image.new("RGB", (width, height), (255, 255, 255))
+  group, pad, height = 44, 30, 280
+  canvas = Image.new("RGB", (max(group * len(rows) + 2 * pad + 60, 420), height), "white")
   draw = ImageDraw.Draw(canvas)
   draw.text((pad, 5), title, fill=(0, 0, 0))
-  top = max(max(values), 1e-9)
-  for i, (value, label) in enumerate(zip(values, labels)):
-    x0 = pad + 40 * i
-    bar = int((height - 2 * pad - 20) * value / top)
-    draw.rectangle([x0, height - pad - bar, x0 + 28, height - pad], fill=(200, 60, 40))
-    draw.text((x0, height - pad - bar - 12), f"{value:.2f}", fill=(0, 0, 0))
-    draw.text((x0, height - pad + 4), label, fill=(0, 0, 0))
+  for k, (series, colour) in enumerate(_SERIES_COLOURS.items()):
+    draw.rectangle([pad + 110 * k, 20, pad + 110 * k + 10, 30], fill=colour)
+    draw.text((pad + 110 * k + 14, 19), series, fill=(0, 0, 0))
+  values = [row[s] for row in rows for s in _SERIES_COLOURS if row[s] is not None]
+  top = max(values + [1e-9])
+  for i, (row, label) in enumerate(zip(rows, labels)):
+    for k, (series, colour) in enumerate(_SERIES_COLOURS.items()):
+      if row[series] is None:
+        continue
+      x0 = pad + group * i + 18 * k
+      bar = int((height - 2 * pad - 40) * row[series] / top)
+      draw.rectangle([x0, height - pad - bar, x0 + 16, height - pad], fill=colour)
+    draw.text((pad + group * i, height - pad + 4), label, fill=(0, 0, 0))
   canvas.save(path)
 
 
@@ -119,10 +130,12 @@ def main(argv):
     side = max(image.shape[0], mc.image_size * SCALE)
     left = Image.fromarray(image).resize((side, side), Image.NEAREST)
     right = Image.fromarray(_heat(token_map, vmax)).resize((side, side), Image.NEAREST)
-    pair = Image.new("RGB", (2 * side, side))
-    pair.paste(left, (0, 0))
-    pair.paste(right, (side, 0))
-    pair.save(os.path.join(heat_dir, f"{i:05d}.png"))
+    # The sample, its map, and the map laid over the sample (half and half).
+    panels = Image.new("RGB", (3 * side, side))
+    panels.paste(left, (0, 0))
+    panels.paste(right, (side, 0))
+    panels.paste(Image.blend(left.convert("RGB"), right, 0.5), (2 * side, 0))
+    panels.save(os.path.join(heat_dir, f"{i:05d}.png"))
   np.save(os.path.join(FLAGS.outdir, "counts.npy"), counts)
   times = np.asarray(sampling_timesteps(steps))
   result = routing.summary(counts, mask, times, mc.moe_layer_indices)
@@ -131,12 +144,13 @@ def main(argv):
   with open(os.path.join(FLAGS.outdir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   by_step = result["experts_per_token_by_step"]
-  _bar_chart([r["mean"] for r in by_step], [f"{r['t']:.2f}" for r in by_step],
-             "experts per token vs t (1 = noise)", os.path.join(FLAGS.outdir,
-                                                                  "compute_by_step.png"))
+  _bar_chart(by_step, [f"{r['t']:.2f}" for r in by_step],
+             "experts per object / background token vs t (1 = noise)",
+             os.path.join(FLAGS.outdir, "compute_by_step.png"))
   by_layer = result["experts_per_token_by_layer"]
-  _bar_chart([r["mean"] for r in by_layer], [str(r["block"]) for r in by_layer],
-             "experts per token vs block", os.path.join(FLAGS.outdir, "compute_by_layer.png"))
+  _bar_chart(by_layer, [str(r["block"]) for r in by_layer],
+             "experts per object / background token vs block",
+             os.path.join(FLAGS.outdir, "compute_by_layer.png"))
   ratio = result["object_over_background_compute"]
   print(f"{len(prompts)} images, {steps} steps: object/background compute "
         f"{'n/a' if ratio is None else f'{ratio:.3f}'}; written to {FLAGS.outdir}")

@@ -86,16 +86,29 @@ def object_background_ratio(counts: np.ndarray, object_mask: np.ndarray) -> floa
   return float(mean[object_mask].mean() / mean[~object_mask].mean())
 
 
+def region_means(counts: np.ndarray, object_mask: np.ndarray) -> dict:
+  """Mean experts per object token and per background token of ``counts`` (..., B, S), each
+  None when its region is empty. With per-image routing the mean over all tokens is fixed by
+  the capacity; how it splits between objects and background is what routing decides."""
+  per_token = counts.astype(np.float64).reshape(-1, *object_mask.shape).mean(axis=0)
+  on, off = per_token[object_mask], per_token[~object_mask]
+  return {"object": float(on.mean()) if on.size else None,
+          "background": float(off.mean()) if off.size else None}
+
+
 def summary(counts: np.ndarray, object_mask: np.ndarray, times: np.ndarray,
             moe_layer_indices) -> dict:
-  """Mean experts per token by sampling step (with its t) and by layer, and the object ratio."""
+  """Mean experts per token by sampling step (with its t) and by layer, each split into object
+  and background tokens, and the overall object/background ratio."""
   counts = counts.astype(np.float64)
   return {
       "experts_per_token_by_step": [
-          {"step": i, "t": float(times[i]), "mean": float(counts[i].mean())}
+          {"step": i, "t": float(times[i]), "mean": float(counts[i].mean()),
+           **region_means(counts[i], object_mask)}
           for i in range(counts.shape[0])],
       "experts_per_token_by_layer": [
-          {"block": int(block), "mean": float(counts[:, j].mean())}
+          {"block": int(block), "mean": float(counts[:, j].mean()),
+           **region_means(counts[:, j], object_mask)}
           for j, block in enumerate(moe_layer_indices)],
       "object_token_fraction": float(object_mask.mean()),
       "object_over_background_compute": object_background_ratio(counts, object_mask),

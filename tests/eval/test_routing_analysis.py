@@ -51,3 +51,21 @@ def test_object_mask_and_ratio():
   assert routing.object_background_ratio(counts, np.zeros_like(mask)) is None
   maps = routing.token_maps(counts, 4)
   assert maps.shape == (2, 4, 4) and maps[0, 1, 2] == 3.0
+
+
+def test_summary_splits_compute_between_objects_and_background_per_step_and_layer():
+  mask = np.zeros((2, 16), bool)
+  mask[0, 6] = mask[1, 0] = True
+  counts = np.ones((3, 2, 2, 16), np.int32)  # (steps, layers, images, tokens)
+  counts[0, :, 0, 6] = 5  # step 0: image 0's object token gets 5 experts
+  counts[:, 1, 1, 0] = 0  # layer 1: image 1's object token gets none
+  result = routing.summary(counts, mask, np.array([1.0, 0.5, 0.0]), (1, 3))
+  by_step, by_layer = result["experts_per_token_by_step"], result["experts_per_token_by_layer"]
+  # step 0: objects (5 + 5 + 1 + 0) / 4; steps 1, 2: (1 + 1 + 1 + 0) / 4
+  assert [r["object"] for r in by_step] == [2.75, 0.75, 0.75]
+  assert [r["background"] for r in by_step] == [1.0, 1.0, 1.0]
+  # layer 0: (5 + 1 + 1 + 1 + 1 + 1) / 6; layer 1: (5 + 1 + 1 + 0 + 0 + 0) / 6
+  assert [r["block"] for r in by_layer] == [1, 3]
+  np.testing.assert_allclose([r["object"] for r in by_layer], [10 / 6, 7 / 6])
+  empty = routing.region_means(counts, np.zeros_like(mask))
+  assert empty["object"] is None and empty["background"] == 1.0 * counts.mean()
