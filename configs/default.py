@@ -120,3 +120,14 @@ def get_config() -> ml_collections.ConfigDict:
                "two triangles"),
   ))
   return config
+
+
+def runlocal_schedule(config: ml_collections.ConfigDict) -> None:
+  """The step counts of every ``runlocal`` variant: a few steps of batch 8 that still log,
+  checkpoint and sample, so a laptop run goes through the whole loop in seconds."""
+  config.batch_size = 8
+  config.num_train_steps = 20
+  config.warmup_steps = 5
+  config.log_every_steps = 5
+  config.checkpoint_every_steps = 10
+  config.sample_every_steps = 20

@@ -37,12 +37,7 @@ def get_config(arg: str = "XL-8E") -> ml_collections.ConfigDict:
   if "runlocal" in flags:
     config.model.update(hidden_size=64, num_layers=2, num_heads=2, dtype="float32",
                         text_hidden_size=32, text_num_layers=1, text_num_heads=2)
-    config.batch_size = 8
-    config.num_train_steps = 20
-    config.warmup_steps = 5
-    config.log_every_steps = 5
-    config.checkpoint_every_steps = 10
-    config.sample_every_steps = 20
+    default.runlocal_schedule(config)
     config.data.num_train = 512
     config.data.num_test = 64
   return config

@@ -104,12 +104,7 @@ def get_config(arg: str = "XL-32E") -> ml_collections.ConfigDict:
     config.data.worker_count = 0
     config.pretrained.dtype = "float32"  # bfloat16 is slower than float32 on most CPUs
     config.ema_decay = 0.995
-    config.batch_size = 8
-    config.num_train_steps = 20
-    config.warmup_steps = 5
-    config.log_every_steps = 5
-    config.checkpoint_every_steps = 10
-    config.sample_every_steps = 20
+    default.runlocal_schedule(config)
     config.sample.num_steps = 10
     config.sample.prompts = default.get_config().sample.prompts
   return config
