@@ -50,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Frozen pretrained networks, as Hugging Face format directories (configs/t2i_256.py uses them):
   # text_encoder: T5 or CLIP weights + tokenizer, required when model.text_encoder != "scratch";
-  # vae: the diffusers VAE that decodes a latent model's samples (sample grids, sample CLI);
+  # vae: the diffusers VAE of a latent model: decodes its samples (sample grids, sample CLI) and,
+  # with data.vae_encode, encodes the training images;
   # dtype: the compute dtype of both.
   config.pretrained = ml_collections.ConfigDict(dict(text_encoder="", vae="", dtype="bfloat16"))
 
@@ -67,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
       tokenizer_path="",  # empty: train a sentencepiece model on the captions and cache it
       tokenizer_vocab_size=64,
       worker_count=0,  # grain worker processes; 0 reads in the main process
+      # Encode images with pretrained.vae as they are read (center crop, resize to image_size x
+      # the VAE's factor): training on latents without a precompute pass.
+      vae_encode=False,
   ))
 
   # Rectified flow.

@@ -25,6 +25,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from ecdit_jax.data.latents import center_crop_resize
 from ecdit_jax.data.tokenizer import Tokenizer
 
 
@@ -51,11 +52,12 @@ class _SkipOnErrorSource:
       return Skipped(f"read failed: {type(error).__name__}: {error}")
 
 
-def decode_image(value, image_size: int) -> np.ndarray | None:
+def decode_image(value, image_size: int, resize: bool = False) -> np.ndarray | None:
   """uint8 (S, S, 3) from an array, PIL image or encoded bytes; None if unusable.
 
   Encoded and PIL images of any colour mode are converted to RGB; arrays must already be
-  uint8 RGB. Nothing is resized: an image of another size is a bad record.
+  uint8 RGB. Without ``resize`` an image of another size is a bad record; with it, any image is
+  center-cropped to a square and resized to S (as ``ecdit_jax.precompute`` does).
   """
   if isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 0:
     value = value.item()
@@ -68,6 +70,9 @@ def decode_image(value, image_size: int) -> np.ndarray | None:
     array = np.asarray(value)
   except Exception:  # noqa: BLE001 - truncated/corrupt encodings raise assorted errors.
     return None
+  if resize and array.dtype == np.uint8 and array.ndim == 3 and array.shape[-1] == 3 \
+      and min(array.shape[:2]) >= 1 and array.shape != (image_size, image_size, 3):
+    array = center_crop_resize(array, image_size)
   if array.shape != (image_size, image_size, 3) or array.dtype != np.uint8:
     return None
   return array
@@ -113,18 +118,19 @@ class _PreprocessRecord:
   """
 
   def __init__(self, tokenizer: Tokenizer, image_size, max_text_len, image_key, text_key,
-               latent_channels: int | None = None):
+               latent_channels: int | None = None, resize_images: bool = False):
     self._tokenizer = tokenizer
     self._image_size = image_size
     self._max_text_len = max_text_len
     self._image_key = image_key
     self._text_key = text_key
     self._latent_channels = latent_channels
+    self._resize_images = resize_images
 
   def _image(self, value) -> np.ndarray | None:
     if self._latent_channels is not None:
       return decode_latent(value, self._image_size, self._latent_channels)
-    image = decode_image(value, self._image_size)
+    image = decode_image(value, self._image_size, self._resize_images)
     return None if image is None else image.astype(np.float32) / 127.5 - 1.0
 
   def __call__(self, record):
@@ -234,12 +240,14 @@ def make_dataset_iterator(
   shard_index: int | None = None,
   shard_count: int | None = None,
   latent_channels: int | None = None,
+  resize_images: bool = False,
 ) -> grain.DatasetIterator:
   """Batches of this process's shard: {'image' (B,H,W,C) f32 in [-1,1], 'tokens' (B,L) i32,
   'num_skipped' i32}.
 
   ``latent_channels`` reads the image feature as float latents of shape (image_size,
-  image_size, latent_channels), unscaled; None reads uint8 RGB pixels. ``tokenizer`` is any
+  image_size, latent_channels), unscaled; None reads uint8 RGB pixels, which ``resize_images``
+  center-crops and resizes to image_size (else other sizes are bad records). ``tokenizer`` is any
   object with ``encode_batch(texts, max_len) -> int32 (N, max_len)``.
 
   ``batch_size`` is per process. ``num_epochs=None`` repeats forever (training), 1 is a single
@@ -273,7 +281,7 @@ def make_dataset_iterator(
   if num_epochs != 1:
     dataset = dataset.repeat(num_epochs)
   dataset = dataset.map(_PreprocessRecord(tokenizer, image_size, max_text_len, image_key, text_key,
-                                          latent_channels))
+                                          latent_channels, resize_images))
   iter_dataset = dataset.to_iter_dataset(
     grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, 16))
   )

@@ -51,7 +51,7 @@ class TrainedRun:
 
   @property
   def on_latents(self) -> bool:
-    return input_pipeline.latent_dir(self.config) is not None
+    return input_pipeline.model_on_latents(self.config)
 
 
 EXPORT_INFO = "export.json"

@@ -35,6 +35,12 @@ def latent_dir(config: ml_collections.ConfigDict) -> str | None:
   return os.path.expanduser(directory)
 
 
+def model_on_latents(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model works on VAE latents: precomputed ones (latents:DIR), or images encoded
+  by config.pretrained.vae as they are read (``config.data.vae_encode``)."""
+  return latent_dir(config) is not None or bool(config.data.get("vae_encode", False))
+
+
 def record_keys(config: ml_collections.ConfigDict) -> tuple[str, str]:
   """(image key, text key) of the dataset's records."""
   if latent_dir(config) is not None:
@@ -136,13 +142,19 @@ def null_tokens(tok, max_len: int) -> np.ndarray:
   return tok.encode_batch([""], max_len)[0]
 
 
-def train_iterator(config: ml_collections.ConfigDict, source, tok):
-  """This process's share of the global batch, repeated forever, shuffled from config.seed."""
+def train_iterator(config: ml_collections.ConfigDict, source, tok, vae_factor: int = 1):
+  """This process's share of the global batch, repeated forever, shuffled from config.seed.
+
+  With ``config.data.vae_encode`` the images are center-cropped and resized to
+  ``image_size * vae_factor`` pixels, which the VAE (downsampling ``vae_factor`` times) then
+  encodes to ``image_size`` latents."""
   per_process = config.batch_size // jax.process_count()
   image_key, text_key = record_keys(config)
-  on_latents = latent_dir(config) is not None
+  precomputed = latent_dir(config) is not None
+  encode = bool(config.data.get("vae_encode", False))
   return pipeline.make_dataset_iterator(
-      source, tokenizer=tok, batch_size=per_process, image_size=config.model.image_size,
+      source, tokenizer=tok, batch_size=per_process,
+      image_size=config.model.image_size * (vae_factor if encode else 1),
       max_text_len=config.model.text_max_len, seed=config.seed, image_key=image_key,
       text_key=text_key, worker_count=config.data.worker_count,
-      latent_channels=config.model.in_channels if on_latents else None)
+      latent_channels=config.model.in_channels if precomputed else None, resize_images=encode)

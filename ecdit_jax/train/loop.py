@@ -137,16 +137,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   source = input_pipeline.data_source(config, "train")
   input_pipeline.check_latent_shape(config, source)
-  makes_images = config.sample_every_steps or config.eval_every_steps  # only they need the VAE
+  # The VAE decodes samples and, with config.data.vae_encode, encodes the training images.
+  encodes_images = bool(config.data.get("vae_encode", False))
+  needs_vae = encodes_images or config.sample_every_steps or config.eval_every_steps
   frozen = _Frozen(pretrained.load_text_encoder(config, model_config),
-                   pretrained.load_vae(config, model_config) if makes_images else None, mesh)
+                   pretrained.load_vae(config, model_config) if needs_vae else None, mesh,
+                   encodes_images)
   if frozen.text_encoder is None:
     tokenizer = input_pipeline.tokenizer_for(config, workdir, source)
     input_pipeline.check_tokenizer_fits(tokenizer, model_config)
   else:  # the pretrained encoder's vocabulary; nothing to train or copy into the workdir
     tokenizer = frozen.text_encoder.tokenizer
   null_tokens = input_pipeline.null_tokens(tokenizer, model_config.text_max_len)
-  iterator = input_pipeline.train_iterator(config, source, tokenizer)
+  iterator = input_pipeline.train_iterator(
+      config, source, tokenizer, vae_factor=frozen.vae.downsample_factor if encodes_images else 1)
   optimizer = make_optimizer(config)
   checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   try:
@@ -161,17 +165,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 class _Frozen:
   """The frozen networks replicated on the mesh: the text encoder (batch encoding, the null
-  caption's encoding) and the VAE; either may be None. Only the replicated copies are kept."""
+  caption's encoding) and the VAE (decoding samples; encoding the batch's images when
+  ``encodes_images``); either may be None. Only the replicated copies are kept."""
 
-  def __init__(self, text_encoder, vae, mesh):
+  def __init__(self, text_encoder, vae, mesh, encodes_images: bool = False):
     self.null_context = None
-    self.encode_batch = lambda batch: batch
     self.text_encoder = None if text_encoder is None else text_encoder.placed(mesh)
     self.vae = None if vae is None else vae.placed(mesh)
+    stages = []
     if self.text_encoder is not None:
       with jax.set_mesh(mesh):
         self.null_context = self.text_encoder.null_caption()
-      self.encode_batch = text_conditioning.make_batch_encoder(self.text_encoder, mesh)
+      stages.append(text_conditioning.make_batch_encoder(self.text_encoder, mesh))
+    if encodes_images:
+      stages.append(pretrained.make_image_encoder(self.vae, mesh))
+    self._stages = stages
+
+  def encode_batch(self, batch: dict) -> dict:
+    for stage in self._stages:
+      batch = stage(batch)
+    return batch
 
 
 def _train(config, model_config, workdir, graphdef, state, shardings, mesh, optimizer, iterator,

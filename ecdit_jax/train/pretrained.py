@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ecdit_jax.model import ConfigError, ModelConfig
+from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.train import input_pipeline
 from ecdit_jax.train.text_conditioning import (
   FrozenTextEncoder,
@@ -62,11 +63,18 @@ def check_config(config: ml_collections.ConfigDict, model_config: ModelConfig) -
   if not ok:
     raise ConfigError(f"config.pretrained.dtype={pretrained['dtype']!r} must name a floating "
                       "dtype, e.g. 'bfloat16'")
-  on_latents = input_pipeline.latent_dir(config) is not None
+  on_latents = input_pipeline.model_on_latents(config)
   if pretrained["vae"] and not on_latents:
-    raise ConfigError(f"config.pretrained.vae={pretrained['vae']!r} decodes latents, but "
-                      f"config.data.dataset={config.data.dataset!r} is not latents:DIR; "
-                      "leave it empty")
+    raise ConfigError(f"config.pretrained.vae={pretrained['vae']!r} is for a model on latents, "
+                      f"but config.data.dataset={config.data.dataset!r} is not latents:DIR and "
+                      "config.data.vae_encode is off; leave it empty or set one of them")
+  if config.data.get("vae_encode", False):
+    if input_pipeline.latent_dir(config) is not None:
+      raise ConfigError("config.data.vae_encode encodes images, but config.data.dataset="
+                        f"{config.data.dataset!r} holds latents already; turn it off")
+    if not pretrained["vae"]:
+      raise ConfigError("config.data.vae_encode needs the VAE: set config.pretrained.vae to a "
+                        "diffusers VAE directory")
   if on_latents and not pretrained["vae"]:
     for key in ("sample_every_steps", "eval_every_steps"):
       if config.get(key):
@@ -91,9 +99,29 @@ class FrozenVae:
     vae = nnx.merge(self.graphdef, params)
     return vae.decode(latents.astype(self.dtype)).astype(jnp.float32)
 
+  def encode(self, params, images: jax.Array) -> jax.Array:
+    """Images (B, H, W, 3) in [-1, 1] -> float32 scaled latents (B, H/f, W/f, C): the
+    posterior mean, as ``ecdit_jax.precompute`` writes by default."""
+    vae = nnx.merge(self.graphdef, params)
+    return vae.latents_from_images(images.astype(self.dtype)).astype(jnp.float32)
+
   def placed(self, mesh: Mesh | None) -> FrozenVae:
     """A copy with the parameters on the devices (see ``text_conditioning.place``)."""
     return dataclasses.replace(self, params=place(self.params, mesh))
+
+
+def make_image_encoder(vae: FrozenVae, mesh: Mesh):
+  """batch -> batch with its pixel ``image`` replaced by the VAE's latents, jitted with the
+  images and latents split over the batch axes like the train batch; ``vae`` must be placed
+  (replicated) on ``mesh``."""
+  whole = NamedSharding(mesh, PartitionSpec())
+  rows = mesh_lib.batch_sharding(mesh, 4)
+  encode = jax.jit(vae.encode, in_shardings=(whole, rows), out_shardings=rows)
+
+  def encode_batch(batch: dict) -> dict:
+    return {**batch, "image": encode(vae.params, batch["image"])}
+
+  return encode_batch
 
 
 def load_frozen_vae(weights_dir: str, dtype: str, model_config: ModelConfig) -> FrozenVae:
@@ -128,8 +156,9 @@ def load_text_encoder(config: ml_collections.ConfigDict, model_config: ModelConf
 
 def load_vae(config: ml_collections.ConfigDict, model_config: ModelConfig,
              overrides: Mapping[str, str] | None = None) -> FrozenVae | None:
-  """The VAE that decodes the run's latents; None for pixel models or when none is named."""
+  """The VAE of a model on latents (decoding samples; encoding images with
+  ``config.data.vae_encode``); None for pixel models or when none is named."""
   pretrained = settings(config, overrides)
-  if input_pipeline.latent_dir(config) is None or not pretrained["vae"]:
+  if not input_pipeline.model_on_latents(config) or not pretrained["vae"]:
     return None
   return load_frozen_vae(pretrained["vae"], pretrained["dtype"], model_config)
