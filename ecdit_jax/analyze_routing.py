@@ -21,6 +21,8 @@ import os
 
 from absl import app, flags, logging
 
+from ecdit_jax import pretrained_flags
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/, or an export.")
 flags.DEFINE_string("outdir", None, "New (or empty) directory for the analysis.")
@@ -31,10 +33,6 @@ flags.DEFINE_integer("steps", None, "Euler steps (default: the run's config.samp
 flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the run's config).")
 flags.DEFINE_float("capacity_factor", None, "Inference capacity factor (default: the config's).")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
-flags.DEFINE_string("pretrained_text_encoder", None, "Frozen text encoder weights directory "
-                    "(default: the run's config.pretrained.text_encoder).")
-flags.DEFINE_string("pretrained_vae", None, "VAE directory decoding a latent model's samples "
-                    "(default: the run's config.pretrained.vae).")
 flags.mark_flags_as_required(["workdir", "outdir"])
 
 SCALE = 8  # heatmap pixels per image pixel
@@ -98,8 +96,7 @@ def main(argv):
   if os.path.isdir(FLAGS.outdir) and os.listdir(FLAGS.outdir):
     raise app.UsageError(f"--outdir={FLAGS.outdir} is not empty; refusing to overwrite")
   prompts = read_prompts(FLAGS.prompts) if FLAGS.prompts else _default_prompts(FLAGS.num_prompts)
-  run = load_run(FLAGS.workdir, pretrained_overrides={
-      "text_encoder": FLAGS.pretrained_text_encoder or "", "vae": FLAGS.pretrained_vae or ""})
+  run = load_run(FLAGS.workdir, pretrained_overrides=pretrained_flags.overrides())
   if run.on_latents and run.vae is None:
     raise app.UsageError("the run generates VAE latents and its config.pretrained.vae is empty: "
                          "pass --pretrained_vae=DIR")

@@ -34,6 +34,7 @@ import os
 from absl import app, flags, logging
 from etils import epath
 
+from ecdit_jax import pretrained_flags
 from ecdit_jax.model.flops import format_flops, generation_flops_per_image
 
 FLAGS = flags.FLAGS
@@ -57,10 +58,6 @@ flags.DEFINE_string("data_dir", None, "TFDS data_dir of --reference (default: th
 flags.DEFINE_integer("num_images", 1000, "FID/CLIP: images generated (one per caption).")
 flags.DEFINE_string("mesh", "", "Sample on a device mesh, e.g. 'expert=2,fsdp=2' (axes left "
                     "out are 1; data fills the rest). Empty: one device.")
-flags.DEFINE_string("pretrained_text_encoder", None, "Frozen text encoder weights directory "
-                    "(default: the run's config.pretrained.text_encoder).")
-flags.DEFINE_string("pretrained_vae", None, "VAE directory decoding a latent model's samples "
-                    "(default: the run's config.pretrained.vae).")
 flags.mark_flags_as_required(["workdir"])
 
 SUPPORTED = ("geneval_shapes", "fid", "clip")
@@ -196,8 +193,7 @@ def main(argv):
   try:
     run = inference.load_run(FLAGS.workdir, use_ema=FLAGS.use_ema,
                              mesh_sizes=inference.parse_mesh(FLAGS.mesh),
-                             pretrained_overrides={"text_encoder": FLAGS.pretrained_text_encoder
-                                                   or "", "vae": FLAGS.pretrained_vae or ""})
+                             pretrained_overrides=pretrained_flags.overrides())
   except ValueError as e:  # a mesh that does not fit, missing pretrained weights
     raise app.UsageError(str(e)) from e
   steps = FLAGS.steps or run.config.sample.num_steps

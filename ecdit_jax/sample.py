@@ -17,6 +17,8 @@ import os
 
 from absl import app, flags, logging
 
+from ecdit_jax import pretrained_flags
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/, or an export.")
 flags.DEFINE_string("prompts", None, "Text file with one prompt per line.")
@@ -30,10 +32,6 @@ flags.DEFINE_integer("batch_size", 64, "Prompts per sampling batch.")
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to use (default: the latest).")
 flags.DEFINE_string("mesh", "", "Sample on a device mesh, e.g. 'expert=2,fsdp=2' (axes left "
                     "out are 1; data fills the rest). Empty: one device.")
-flags.DEFINE_string("pretrained_text_encoder", None, "Frozen text encoder weights directory "
-                    "(default: the run's config.pretrained.text_encoder).")
-flags.DEFINE_string("pretrained_vae", None, "VAE directory decoding a latent model's samples "
-                    "(default: the run's config.pretrained.vae).")
 flags.mark_flags_as_required(["workdir", "prompts", "outdir"])
 
 
@@ -51,8 +49,7 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   if os.path.isdir(FLAGS.outdir) and os.listdir(FLAGS.outdir):
     raise app.UsageError(f"--outdir={FLAGS.outdir} is not empty; refusing to overwrite")
-  overrides = {"text_encoder": FLAGS.pretrained_text_encoder or "",
-               "vae": FLAGS.pretrained_vae or ""}
+  overrides = pretrained_flags.overrides()
   try:
     run = inference.load_run(FLAGS.workdir, step=FLAGS.checkpoint_step, use_ema=FLAGS.use_ema,
                              mesh_sizes=mesh_sizes, pretrained_overrides=overrides)
