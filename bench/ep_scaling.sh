@@ -2,18 +2,23 @@
 # Expert parallelism on 2 GPUs against 1 GPU, through the training CLI on GenEval-Shapes:
 #   a) 1 GPU, global batch 64;  b) 2 GPUs, mesh expert=2, global batch 64 (same data: the loss
 #   curves must agree);  c) 2 GPUs, expert=2, global batch 128 (weak scaling: images/s vs 2x a).
-# Usage (from the repository root): bash bench/ep_scaling.sh [OUTDIR] [PRESET] [STEPS] [WORKERS]
-# WORKERS data-loading processes per run (default 8) keep the input pipeline off the timings.
+# Usage (from the repository root):
+#   bash bench/ep_scaling.sh [OUTDIR] [PRESET] [STEPS] [WORKERS] [--config.key=value ...]
+# WORKERS data-loading processes per run (default 8) keep the input pipeline off the timings;
+# any further arguments are config overrides given to all three runs, e.g.
+# --config.model.dtype=float32 (with JAX_DEFAULT_MATMUL_PRECISION=highest in the environment)
+# so that the 1-GPU and 2-GPU loss curves can be compared step for step.
 set -euo pipefail
 out=${1:-bench/out/ep_scaling}
 preset=${2:-B-16E}
 steps=${3:-300}
 workers=${4:-8}
+extra=("${@:5}")
 mkdir -p "$out"
 common=(--config="configs/ecdit.py:$preset" --config.num_train_steps="$steps"
         --config.warmup_steps=50 --config.log_every_steps=25 --config.sample_every_steps=0
         --config.checkpoint_every_steps=100000 --config.data.data_dir="$out/tfds"
-        --config.data.worker_count="$workers")
+        --config.data.worker_count="$workers" "${extra[@]}")
 run() {  # name, visible GPUs, extra flags...
   local name=$1 gpus=$2
   shift 2
