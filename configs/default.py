@@ -68,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
       tokenizer_path="",  # empty: train a sentencepiece model on the captions and cache it
       tokenizer_vocab_size=64,
       worker_count=0,  # grain worker processes; 0 reads in the main process
+      # Decode every record once, keep them in host memory and draw batches from there: for
+      # datasets that fit in RAM, when decoding is slower than training (small models on GPU).
+      # worker_count is then unused.
+      cache_in_memory=False,
       # Encode images with pretrained.vae as they are read (center crop, resize to image_size x
       # the VAE's factor): training on latents without a precompute pass.
       vae_encode=False,

@@ -111,14 +111,21 @@ def decode_text(value) -> str | None:
   return value or None
 
 
+def scale_pixels(pixels: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [-1, 1], the model's input range."""
+  return pixels.astype(np.float32) / 127.5 - 1.0
+
+
 class _PreprocessRecord:
   """Record -> {'image': float32, 'tokens': int32} or a skip marker (picklable).
 
-  The image is pixels scaled to [-1, 1], or with ``latent_channels`` a latent taken as it is.
+  The image is pixels scaled to [-1, 1] (kept uint8 without ``scale``), or with
+  ``latent_channels`` a latent taken as it is.
   """
 
   def __init__(self, tokenizer: Tokenizer, image_size, max_text_len, image_key, text_key,
-               latent_channels: int | None = None, resize_images: bool = False):
+               latent_channels: int | None = None, resize_images: bool = False,
+               scale: bool = True):
     self._tokenizer = tokenizer
     self._image_size = image_size
     self._max_text_len = max_text_len
@@ -126,12 +133,13 @@ class _PreprocessRecord:
     self._text_key = text_key
     self._latent_channels = latent_channels
     self._resize_images = resize_images
+    self._scale = scale
 
   def _image(self, value) -> np.ndarray | None:
     if self._latent_channels is not None:
       return decode_latent(value, self._image_size, self._latent_channels)
     image = decode_image(value, self._image_size, self._resize_images)
-    return None if image is None else image.astype(np.float32) / 127.5 - 1.0
+    return image if image is None or not self._scale else scale_pixels(image)
 
   def __call__(self, record):
     if isinstance(record, Skipped):
@@ -218,7 +226,8 @@ class SkipCountingBatch(grain.IterDataset):
                                      self._max_consecutive_skips)
 
 
-def _process_shard() -> tuple[int, int]:
+def process_shard() -> tuple[int, int]:
+  """(index, count) of this process's shard of a dataset: one shard per JAX process."""
   return jax.process_index(), jax.process_count()
 
 
@@ -241,13 +250,15 @@ def make_dataset_iterator(
   shard_count: int | None = None,
   latent_channels: int | None = None,
   resize_images: bool = False,
+  scale_images: bool = True,
 ) -> grain.DatasetIterator:
   """Batches of this process's shard: {'image' (B,H,W,C) f32 in [-1,1], 'tokens' (B,L) i32,
   'num_skipped' i32}.
 
   ``latent_channels`` reads the image feature as float latents of shape (image_size,
   image_size, latent_channels), unscaled; None reads uint8 RGB pixels, which ``resize_images``
-  center-crops and resizes to image_size (else other sizes are bad records). ``tokenizer`` is any
+  center-crops and resizes to image_size (else other sizes are bad records), and
+  ``scale_images=False`` leaves as uint8 instead of scaling to [-1, 1]. ``tokenizer`` is any
   object with ``encode_batch(texts, max_len) -> int32 (N, max_len)``.
 
   ``batch_size`` is per process. ``num_epochs=None`` repeats forever (training), 1 is a single
@@ -266,7 +277,7 @@ def make_dataset_iterator(
   if (shard_index is None) != (shard_count is None):
     raise ValueError("give both shard_index and shard_count, or neither")
   if shard_index is None:
-    shard_index, shard_count = _process_shard()
+    shard_index, shard_count = process_shard()
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} out of range for {shard_count} shards")
 
@@ -281,7 +292,7 @@ def make_dataset_iterator(
   if num_epochs != 1:
     dataset = dataset.repeat(num_epochs)
   dataset = dataset.map(_PreprocessRecord(tokenizer, image_size, max_text_len, image_key, text_key,
-                                          latent_channels, resize_images))
+                                          latent_channels, resize_images, scale_images))
   iter_dataset = dataset.to_iter_dataset(
     grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, 16))
   )

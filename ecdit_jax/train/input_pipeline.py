@@ -16,7 +16,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ecdit_jax.data import geneval_shapes_tfds, latents, pipeline, tokenizer as tokenizer_lib
+from ecdit_jax.data import geneval_shapes_tfds, latents, memory_cache, pipeline
+from ecdit_jax.data import tokenizer as tokenizer_lib
 from ecdit_jax.model import ConfigError, ModelConfig
 
 TOKENIZER_FILE = "tokenizer.model"  # copied into the workdir so that sampling needs no data_dir
@@ -147,14 +148,20 @@ def train_iterator(config: ml_collections.ConfigDict, source, tok, vae_factor: i
 
   With ``config.data.vae_encode`` the images are center-cropped and resized to
   ``image_size * vae_factor`` pixels, which the VAE (downsampling ``vae_factor`` times) then
-  encodes to ``image_size`` latents."""
+  encodes to ``image_size`` latents. With ``config.data.cache_in_memory`` the records are
+  decoded once and batches are drawn from memory (``data.memory_cache``)."""
   per_process = config.batch_size // jax.process_count()
   image_key, text_key = record_keys(config)
   precomputed = latent_dir(config) is not None
   encode = bool(config.data.get("vae_encode", False))
-  return pipeline.make_dataset_iterator(
-      source, tokenizer=tok, batch_size=per_process,
-      image_size=config.model.image_size * (vae_factor if encode else 1),
-      max_text_len=config.model.text_max_len, seed=config.seed, image_key=image_key,
-      text_key=text_key, worker_count=config.data.worker_count,
-      latent_channels=config.model.in_channels if precomputed else None, resize_images=encode)
+  common = {"tokenizer": tok,
+            "image_size": config.model.image_size * (vae_factor if encode else 1),
+            "max_text_len": config.model.text_max_len, "image_key": image_key,
+            "text_key": text_key,
+            "latent_channels": config.model.in_channels if precomputed else None,
+            "resize_images": encode}
+  if config.data.get("cache_in_memory", False):
+    records = memory_cache.decode_all(source, **common)
+    return memory_cache.CachedBatchIterator(records, per_process, config.seed)
+  return pipeline.make_dataset_iterator(source, batch_size=per_process, seed=config.seed,
+                                        worker_count=config.data.worker_count, **common)

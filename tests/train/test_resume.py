@@ -20,15 +20,20 @@ def read_losses(workdir):
     return {row["step"]: row["loss"] for row in map(json.loads, f)}
 
 
-def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
+# The data position is checkpointed either way: the grain pipeline's or the in-memory cache's.
+@pytest.mark.parametrize("cache_in_memory", [False, True])
+def test_resume_matches_uninterrupted_run(data_dir, tmp_path, cache_in_memory):
+  def config(**overrides):
+    return tiny_train_config(data_dir, **{"data.cache_in_memory": cache_in_memory, **overrides})
+
   straight = str(tmp_path / "straight")
-  final_straight = train_and_evaluate(tiny_train_config(data_dir), straight)
+  final_straight = train_and_evaluate(config(), straight)
 
   resumed = str(tmp_path / "resumed")
   # Stop after 3 steps (a checkpoint is written there), then start again with the full length.
-  train_and_evaluate(tiny_train_config(data_dir, num_train_steps=3), resumed)
+  train_and_evaluate(config(num_train_steps=3), resumed)
   assert Checkpointer(resumed).all_steps() == [3]
-  final_resumed = train_and_evaluate(tiny_train_config(data_dir), resumed)
+  final_resumed = train_and_evaluate(config(), resumed)
 
   losses_straight, losses_resumed = read_losses(straight), read_losses(resumed)
   assert sorted(losses_resumed) == list(range(1, 7))
@@ -37,7 +42,7 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
   for a, b in zip(jax.tree.leaves(final_straight), jax.tree.leaves(final_resumed)):
     np.testing.assert_array_equal(a, b)
   # A finished run asked for the same length again does nothing and keeps its checkpoints.
-  again = train_and_evaluate(tiny_train_config(data_dir), resumed)
+  again = train_and_evaluate(config(), resumed)
   assert int(again.step) == 6
   assert Checkpointer(resumed).all_steps() == [3, 6]
 
