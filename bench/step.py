@@ -4,6 +4,7 @@ r"""Training-step throughput of the real sharded train step, on synthetic batche
   python bench/step.py --model=dense                                  # the same shape, no MoE
   python bench/step.py --preset=XL-32E --num_devices=2 --mesh=fsdp=1,expert=2
   python bench/step.py --smoke                                        # tiny, checks it on a CPU
+  python bench/step.py --model=ec --profile_dir=bench/out/prof_ec     # + a profiled window
 
 The step is exactly what training runs: ``sharding.init_train_state`` lays the state out on the
 mesh, ``step.make_train_step`` (noise, caption dropout, loss, gradients, RMSProp-momentum, EMA)
@@ -16,6 +17,10 @@ them, or the kept ones under token masking) from the median of ``--windows`` win
 ``--steps`` steps, model TFLOP/s = ``flops.train_flops_per_image(config)["total"]`` x images/s
 (the text encoder included: the step runs it for every image), and MFU against the bf16 matmul
 rate measured in the same run on one device of the mesh times the mesh's devices.
+
+``--profile_dir`` traces one more window after the timed ones with ``jax.profiler`` (view it in
+TensorBoard or Perfetto) and adds its summary (``bench/trace_summary.py``: time by op and kind
+of op, device idle time) to the printout and the record.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import sys
 import common  # also puts the repository root on sys.path
 import jax
 import numpy as np
+import trace_summary
 
 from ecdit_jax.diffusion.masking import num_kept_tokens
 from ecdit_jax.model import ModelConfig, flops
@@ -49,6 +55,8 @@ def parse_args(argv):
   parser.add_argument("--grad_accum_steps", type=int, default=1)
   parser.add_argument("--mask_ratio", type=float, default=None,
                       help="token masking (default: 0 for --model, the preset's for --preset)")
+  parser.add_argument("--profile_dir", default=None,
+                      help="trace one more window into this directory and summarise it")
   args = parser.parse_args(argv)
   common.apply_smoke(args, calls_flag="steps")
   return args
@@ -115,6 +123,11 @@ def main(argv=None) -> dict:
       jax.block_until_ready(state)
 
     seconds = common.timed_windows(window, args.windows)
+    profile = None
+    if args.profile_dir:
+      with jax.profiler.trace(args.profile_dir, create_perfetto_trace=True):
+        window()
+      profile = trace_summary.summarize(trace_summary.load_events(args.profile_dir), args.steps)
   loss, nonfinite = float(metrics["loss"]), bool(metrics["nonfinite"])
   peak = common.peak_memory_bytes(devices)  # before the matmul reference allocates anything
   state = batch = metrics = None  # free the devices for the matmul reference
@@ -157,6 +170,7 @@ def main(argv=None) -> dict:
       "peak_bytes_in_use": peak,
       "final_loss": loss,
       "final_step_nonfinite": nonfinite,
+      "profile": profile,
   }
   peak_text = "n/a" if peak is None else f"{peak / 2**30:.1f} GiB"
   print(f"step {record['name']} mesh={args.mesh} batch={config.batch_size} "
@@ -164,6 +178,8 @@ def main(argv=None) -> dict:
         f"{images_per_s:.1f} img/s, {record['tokens_per_s']:.0f} tok/s, "
         f"{model_tflops:.1f} model TFLOP/s, matmul {matmul['tflops']:.1f} TFLOP/s/device, "
         f"MFU {record['mfu']:.1%}, peak {peak_text}, loss {loss:.4f}")
+  if profile is not None:
+    print(trace_summary.format_summary(profile))
   common.write_json(args.out, record)
   return record
 
