@@ -70,6 +70,8 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_batch: int) -> 
                       help="override config.model.attention_impl")
   parser.add_argument("--remat", choices=("none", "block", "dots"), default=None,
                       help="override config.model.remat (recompute blocks in the backward)")
+  parser.add_argument("--moe_dispatch", choices=("gather", "einsum"), default=None,
+                      help="override config.model.moe_dispatch (token gather vs one-hot einsum)")
   parser.add_argument("--windows", type=int, default=5, help="timed windows")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compile")
   parser.add_argument("--matmul_size", type=int, default=8192,
@@ -111,7 +113,7 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config.model.dtype = args.dtype
   overrides = {"num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads,
                "num_experts": args.num_experts, "attention_impl": args.attention_impl,
-               "remat": args.remat,
+               "remat": args.remat, "moe_dispatch": args.moe_dispatch,
                "capacity_factor": args.capacity_factor,
                "eval_capacity_factor": args.capacity_factor}
   config.model.update({k: v for k, v in overrides.items() if v is not None})

@@ -33,10 +33,11 @@ TENSOR_AXIS = "tensor"
 
 
 def expert_choice_ffn(x: jax.Array, router_kernel: jax.Array, expert_weights, *, mesh,
-                      capacity: int, group_size: int, dtype):
+                      capacity: int, group_size: int, dtype, method: str = "gather"):
   """x (B, S, d) -> (y (B, S, d), logits (G, N, E) f32, experts-per-token counts (G, N)).
 
-  ``expert_weights`` = (w_in (E, d, h), b_in (E, h), w_out (E, h, d), b_out (E, d)).
+  ``expert_weights`` = (w_in (E, d, h), b_in (E, h), w_out (E, h, d), b_out (E, d));
+  ``method``: how tokens are dispatched and combined, as in ``moe.dispatch``.
   """
   b, s, d = x.shape
   num_experts = router_kernel.shape[-1]
@@ -57,14 +58,14 @@ def expert_choice_ffn(x: jax.Array, router_kernel: jax.Array, expert_weights, *,
 
   def local(groups, router_kernel, w_in, b_in, w_out, b_out):
     logits, gates, token_index = moe.route_groups(groups, router_kernel, capacity)
-    dispatched = moe.gather_tokens(groups, token_index)  # (G_local, E, C, d)
+    dispatched = moe.dispatch(groups, token_index, method, dtype)  # (G_local, E, C, d)
     # Expert e's buffers go to the device that holds e; we receive (n_expert * G_local,
     # E_local, C, d): our experts' tokens from every device of the axis, in axis order.
     dispatched = jax.lax.all_to_all(dispatched, EXPERT_AXIS, 1, 0, tiled=True)
     out = moe.apply_experts(dispatched, w_in, b_in, w_out, b_out, dtype=dtype,
                             tensor_axis=tensor)
     out = jax.lax.all_to_all(out, EXPERT_AXIS, 0, 1, tiled=True)  # back to (G_local, E, C, d)
-    y = moe.combine(out, gates, token_index, n).astype(groups.dtype)
+    y = moe.combine(out, gates, token_index, n, method).astype(groups.dtype)
     return y, logits, moe.experts_per_token(token_index, n)
 
   rows = P(splits or None)

@@ -106,6 +106,20 @@ def scatter_add_tokens(values: jax.Array, token_index: jax.Array, num_tokens: in
   return jax.vmap(lambda out, idx, v: out.at[idx].add(v))(zeros, flat_index, flat_values)
 
 
+def dispatch(groups: jax.Array, token_index: jax.Array, method: str, dtype) -> jax.Array:
+  """Each expert's chosen tokens: (G, N, d) -> (G, E, C, d) in ``dtype``.
+
+  "gather" indexes the tokens (its gradient is a scatter-add); "einsum" multiplies by the
+  one-hot (G, E, C, N) dispatch mask, a matmul whose gradient is one too (no atomics, so
+  reproducible on GPU), at 2 x E x C x N x d extra FLOPs per group: about 3% of the expert
+  FFNs for per-image routing at f = 2 and width 4d, growing with the group's size squared.
+  """
+  if method == "einsum":
+    onehot = jax.nn.one_hot(token_index, groups.shape[1], dtype=dtype)
+    return jnp.einsum("gecn,gnd->gecd", onehot, groups.astype(dtype))
+  return gather_tokens(groups, token_index).astype(dtype)
+
+
 def experts_per_token(token_index: jax.Array, num_tokens: int) -> jax.Array:
   """How many experts took each token: (G, E, C) indices -> (G, N) int32 counts."""
   g = token_index.shape[0]
@@ -180,8 +194,17 @@ def route_groups(groups: jax.Array, router_kernel: jax.Array, capacity: int):
 
 
 def combine(expert_out: jax.Array, gates: jax.Array, token_index: jax.Array,
-            num_tokens: int) -> jax.Array:
-  """Gate-weighted expert outputs (G, E, C, d) summed back onto their tokens: (G, N, d) f32."""
+            num_tokens: int, method: str = "gather") -> jax.Array:
+  """Gate-weighted expert outputs (G, E, C, d) summed back onto their tokens: (G, N, d) f32.
+
+  "gather" scatter-adds in float32; "einsum" multiplies by the gate-weighted one-hot mask in
+  the outputs' dtype, accumulating in float32 (see ``dispatch``).
+  """
+  if method == "einsum":
+    dtype = expert_out.dtype
+    weights = jax.nn.one_hot(token_index, num_tokens, dtype=jnp.float32) * gates[..., None]
+    return jnp.einsum("gecn,gecd->gnd", weights.astype(dtype), expert_out,
+                      preferred_element_type=jnp.float32)
   weighted = expert_out.astype(jnp.float32) * gates[..., None]
   return scatter_add_tokens(weighted, token_index, num_tokens)
 
@@ -231,12 +254,14 @@ class ExpertChoiceFFN(_RoutedFFN):
       from ecdit_jax.model import expert_parallel  # pylint: disable=import-outside-toplevel
       y, logits, counts = expert_parallel.expert_choice_ffn(
           x, self.router.kernel[...], self.experts.weights(), mesh=mesh, capacity=capacity,
-          group_size=cfg.routing_group_size, dtype=cfg.compute_dtype)
+          group_size=cfg.routing_group_size, dtype=cfg.compute_dtype, method=cfg.moe_dispatch)
     else:
       groups = to_groups(x, cfg.routing_group_size)
       logits, gates, token_index = route_groups(groups, self.router.kernel[...], capacity)
-      expert_out = self.experts(gather_tokens(groups, token_index))
-      y = combine(expert_out, gates, token_index, groups.shape[1]).astype(x.dtype)
+      dispatched = dispatch(groups, token_index, cfg.moe_dispatch, cfg.compute_dtype)
+      expert_out = self.experts(dispatched)
+      y = combine(expert_out, gates, token_index, groups.shape[1], cfg.moe_dispatch)
+      y = y.astype(x.dtype)
       y = y.reshape(b, s, d)
       counts = experts_per_token(token_index, groups.shape[1])
     z_loss = router_z_loss(logits)

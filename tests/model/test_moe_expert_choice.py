@@ -5,12 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from ecdit_jax.model import expert_capacity
-from ecdit_jax.model import moe
-from ecdit_jax.model.layers import FeedForward
-
 from model_testing import tiny_config
+
+from ecdit_jax.model import expert_capacity, moe
+from ecdit_jax.model.layers import FeedForward
 
 
 def reference_expert_choice(x, router_w, w_in, b_in, w_out, b_out, capacity_factor, group):
@@ -50,9 +48,11 @@ def randomize_biases(layer, seed=1):
   layer.experts.b_out[...] = 0.1 * jax.random.normal(k2, layer.experts.b_out[...].shape)
 
 
+@pytest.mark.parametrize("method", ["gather", "einsum"])
 @pytest.mark.parametrize("group,factor", [(1, 2.0), (2, 2.0), (1, 1.0), (4, 0.5)])
-def test_forward_matches_reference(group, factor):
-  layer, config = make_layer(routing_group_size=group, capacity_factor=factor)
+def test_forward_matches_reference(group, factor, method):
+  layer, config = make_layer(routing_group_size=group, capacity_factor=factor,
+                             moe_dispatch=method)
   randomize_biases(layer)
   x = jax.random.normal(jax.random.key(2), (4, 16, config.hidden_size))
   y, _ = layer(x, train=True)
@@ -60,8 +60,9 @@ def test_forward_matches_reference(group, factor):
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_match_reference():
-  layer, config = make_layer(routing_group_size=2)
+@pytest.mark.parametrize("method", ["gather", "einsum"])
+def test_gradients_match_reference(method):
+  layer, config = make_layer(routing_group_size=2, moe_dispatch=method)
   randomize_biases(layer)
   x = jax.random.normal(jax.random.key(3), (4, 16, config.hidden_size))
   cotangent = jax.random.normal(jax.random.key(4), x.shape)
@@ -193,3 +194,21 @@ def test_batch_not_divisible_by_group_names_the_key():
   x = jnp.zeros((3, 16, config.hidden_size))
   with pytest.raises(ValueError, match="routing_group_size"):
     layer(x)
+
+
+def test_dispatch_methods_agree_in_bf16():
+  """The one-hot einsums move the same bf16 values as the gather; combining rounds the gates
+  to bf16 (the gather path weights in float32), so outputs agree to bf16 precision."""
+  outputs = {}
+  for method in ("gather", "einsum"):
+    layer, config = make_layer(dtype="bfloat16", moe_dispatch=method)
+    randomize_biases(layer)
+    x = jax.random.normal(jax.random.key(6), (2, 16, config.hidden_size))
+    outputs[method] = np.asarray(layer(x, train=True)[0], np.float32)
+  np.testing.assert_allclose(outputs["einsum"], outputs["gather"], rtol=2e-2, atol=2e-2)
+
+
+def test_unknown_dispatch_method_names_the_key():
+  from ecdit_jax.model import ConfigError
+  with pytest.raises(ConfigError, match=r"config\.model\.moe_dispatch='scatter'"):
+    tiny_config(moe_dispatch="scatter")

@@ -107,10 +107,11 @@ def test_sharded_training_equals_single_device(sizes, reference):
   assert any(leaf.shape == w_in.shape and leaf.sharding.spec == spec for leaf in nu)
 
 
-def test_expert_parallel_layer_pads_groups_that_do_not_divide():
+@pytest.mark.parametrize("method", ["gather", "einsum"])
+def test_expert_parallel_layer_pads_groups_that_do_not_divide(method):
   """6 images in groups of 2 = 3 groups over 4 batch shards: dummy groups are added and
-  dropped, and the result is still the single-device one."""
-  config = _config()
+  dropped, and the result is still the single-device one, with either dispatch method."""
+  config = _config(**{"model.moe_dispatch": method})
   model_config = ModelConfig.from_mapping(config.model)
   graphdef, state = create_train_state(model_config, make_optimizer(config), 0)
   params = perturbed(state.params)

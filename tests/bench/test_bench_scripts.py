@@ -1,0 +1,33 @@
+"""The benchmark scripts run (tiny --smoke models on CPU) and write complete records; their
+numbers are not checked here: speed is what bench/RESULTS.md records from real cards."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+def _run(script, tmp_path, *flags):
+  out = tmp_path / "record.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device
+  subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--smoke",
+                  f"--out={out}", *flags], check=True, env=env, cwd=ROOT, timeout=600)
+  with open(out) as f:
+    return json.load(f)
+
+
+def test_step_benchmark_writes_a_record_and_a_profile(tmp_path):
+  record = _run("step.py", tmp_path, "--moe_dispatch=einsum",
+                f"--profile_dir={tmp_path / 'profile'}")
+  assert record["model"]["moe_dispatch"] == "einsum"
+  assert record["images_per_s"] > 0 and record["compile_s"] > 0
+  assert not record["final_step_nonfinite"]
+  assert record["profile"]["op_time_us_per_step"] > 0
+
+
+def test_sample_benchmark_compares_ec_with_dense(tmp_path):
+  record = _run("sample.py", tmp_path)
+  assert record["benchmark"] == "sampling" and set(record) >= {"moe", "dense"}
+  assert record["time_ratio_moe_over_dense"] > 0
