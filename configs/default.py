@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
       token_choice_top_k=2,
       token_choice_capacity_factor=1.25,
       load_balance_loss_weight=0.01,
-      moe_dispatch="gather",  # or "einsum": one-hot matmuls, reproducible on GPU
+      moe_dispatch="gather",  # or "einsum": one-hot matmuls instead of gather + scatter-add
       text_encoder="scratch",  # or "t5" / "clip": frozen pretrained, weights in config.pretrained
       text_vocab_size=128,  # the tokenizer trained on the captions has fewer pieces
       text_max_len=16,

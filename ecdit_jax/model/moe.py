@@ -110,8 +110,9 @@ def dispatch(groups: jax.Array, token_index: jax.Array, method: str, dtype) -> j
   """Each expert's chosen tokens: (G, N, d) -> (G, E, C, d) in ``dtype``.
 
   "gather" indexes the tokens (its gradient is a scatter-add); "einsum" multiplies by the
-  one-hot (G, E, C, N) dispatch mask, a matmul whose gradient is one too (no atomics, so
-  reproducible on GPU), at 2 x E x C x N x d extra FLOPs per group: about 3% of the expert
+  one-hot (G, E, C, N) dispatch mask, a matmul whose gradient is one too (no scatter-add,
+  whose atomic additions on GPU round differently from run to run), at 2 x E x C x N x d
+  FLOPs per group: about 3% of the expert
   FFNs for per-image routing at f = 2 and width 4d, growing with the group's size squared.
   """
   if method == "einsum":
