@@ -112,8 +112,8 @@ def dispatch(groups: jax.Array, token_index: jax.Array, method: str, dtype) -> j
   "gather" indexes the tokens (its gradient is a scatter-add); "einsum" multiplies by the
   one-hot (G, E, C, N) dispatch mask, a matmul whose gradient is one too (no scatter-add,
   whose atomic additions on GPU round differently from run to run), at 2 x E x C x N x d
-  FLOPs per group: about 3% of the expert
-  FFNs for per-image routing at f = 2 and width 4d, growing with the group's size squared.
+  FLOPs per group: about 3% of the expert FFNs for per-image routing at f = 2 and width 4d,
+  growing with the group's size squared.
   """
   if method == "einsum":
     onehot = jax.nn.one_hot(token_index, groups.shape[1], dtype=dtype)
