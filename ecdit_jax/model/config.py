@@ -58,7 +58,8 @@ class ModelConfig:
   token_choice_capacity_factor: float = 1.25  # buffer slack for token-choice dispatch
   load_balance_loss_weight: float = 0.01  # token-choice only; expert-choice needs none
   # How expert choice moves tokens to experts and back: "gather" (index gather, scatter-add
-  # combine) or "einsum" (one-hot matmuls: no scatter-add atomics on GPU, ~3% more FLOPs).
+  # combine) or "einsum" (one-hot matmuls: no scatter-add atomics on GPU; more FLOPs, see
+  # moe.dispatch).
   moe_dispatch: str = "gather"
 
   # Text conditioning: a small transformer trained from scratch by default, or a frozen
