@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import statistics
@@ -59,6 +60,9 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_batch: int) -> 
   parser.add_argument("--preset", default=None,
                       help="a configs/ecdit.py preset (e.g. XL-8E, XL-dense, XL-32E,runlocal) "
                       "instead of --model; its training config is used as it is")
+  parser.add_argument("--config", default=None,
+                      help="a config file, e.g. configs/shapes_gpu.py, instead of --model or "
+                      "--preset: its model, with --dtype and --batch_size applied")
   parser.add_argument("--batch_size", type=int, default=default_batch, help="global batch")
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
   parser.add_argument("--num_heads", type=int, default=None, help="override the heads")
@@ -94,8 +98,12 @@ def apply_smoke(args: argparse.Namespace, *, calls_flag: str) -> None:
 
 
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  """The full training config for --model or --preset, with the flags' overrides applied."""
-  if args.preset:
+  """The full training config for --model, --preset or --config, with the flags' overrides."""
+  if args.config and args.preset:
+    raise SystemExit("give --config or --preset, not both")
+  if args.config:
+    config = load_config_file(args.config)
+  elif args.preset:
     config = ecdit_config.get_config(args.preset)
   else:
     config = default_config.get_config()
@@ -122,9 +130,22 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   return config
 
 
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file, as ``python -m ecdit_jax.main --config=PATH`` reads it."""
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  if spec is None or not os.path.isfile(path):
+    raise SystemExit(f"--config={path}: no such config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def config_name(args: argparse.Namespace, model_config) -> str:
-  """e.g. 'EC-XL-8E', 'dense-XL', 'TC-XL-8E', or the preset's name; '(smoke)' when tiny."""
-  if args.preset:
+  """e.g. 'EC-XL-8E', 'dense-XL', 'TC-XL-8E', the preset's or config file's name; '(smoke)'
+  when tiny."""
+  if args.config:
+    name = os.path.splitext(os.path.basename(args.config))[0]
+  elif args.preset:
     name = args.preset
   elif args.model == "dense":
     name = "dense-XL"

@@ -5,6 +5,7 @@ r"""Training-step throughput of the real sharded train step, on synthetic batche
   python bench/step.py --preset=XL-32E --num_devices=2 --mesh=fsdp=1,expert=2
   python bench/step.py --smoke                                        # tiny, checks it on a CPU
   python bench/step.py --model=ec --profile_dir=bench/out/prof_ec     # + a profiled window
+  python bench/step.py --config=configs/shapes_gpu.py --batch_size=512 # a config file's model
 
 The step is exactly what training runs: ``sharding.init_train_state`` lays the state out on the
 mesh, ``step.make_train_step`` (noise, caption dropout, loss, gradients, RMSProp-momentum, EMA)
