@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -135,7 +136,14 @@ def make_builder(
 ) -> GenevalShapes:
   """The builder for these settings (not prepared yet; see ``prepare``)."""
   config = make_config(image_size=image_size, num_train=num_train, num_test=num_test, seed=seed)
-  return GenevalShapes(config=config, data_dir=os.fspath(data_dir))
+  # A builder of a dataset not yet on disk looks for its metadata in TFDS's public bucket, and
+  # TFDS leaves the empty temporary directory it made for it behind: lend it one we remove.
+  with tempfile.TemporaryDirectory() as scratch:
+    previous, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      return GenevalShapes(config=config, data_dir=os.fspath(data_dir))
+    finally:
+      tempfile.tempdir = previous
 
 
 def prepare(

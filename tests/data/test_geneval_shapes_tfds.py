@@ -153,3 +153,12 @@ def test_same_settings_give_identical_records_other_settings_do_not_collide(
   assert np.array_equal(
     big.as_data_source("train")[5]["image"], gs.generate_example_at(0, 5, 64).image
   )
+
+
+def test_preparing_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr("tempfile.tempdir", str(temp))
+  builder = gst.prepare(tmp_path / "data", image_size=16, num_train=8, num_test=2, seed=5)
+  assert len(builder.as_data_source("train")) == 8
+  assert list(temp.iterdir()) == []
