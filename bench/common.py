@@ -151,6 +151,8 @@ def config_name(args: argparse.Namespace, model_config) -> str:
     name = "dense-XL"
   else:
     name = f"{args.model.upper()}-XL-{model_config.num_experts}E"
+  if getattr(args, "moe_dispatch", None) == "einsum":
+    name += "-einsum"
   return f"{name}(smoke)" if args.smoke else name
 
 

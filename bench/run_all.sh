@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The benchmark suite in one command: training-step throughput of EC-XL-8E and of the dense XL
-# model on one device, sampling EC-XL-8E against its FLOP-matched dense model on one device,
-# and, where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split
+# The benchmark suite in one command: training-step throughput of EC-XL-8E (tokens dispatched
+# by gather and by one-hot einsums) and of the dense XL model on one device, sampling EC-XL-8E
+# (both dispatch methods) against its FLOP-matched dense model on one device, and, where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split
 # over an expert axis, then parameters over an fsdp axis). Run from anywhere:
 #
 #   bash bench/run_all.sh [OUT_DIR]   # default bench/out; a relative OUT_DIR is from the repo root
@@ -15,8 +15,10 @@
 # global batch, default 64), SAMPLE_BATCH (default 64), SAMPLE_STEPS (ODE steps, default 25),
 # BATCH_2 (global batch of the 2-device runs, default 32: the 32-expert train state alone,
 # parameters + EMA + two optimizer moments in float32, is about 86 GB, so 40 to 45 GiB a device),
-# MESHES_2 (the 2-device meshes, default "fsdp=1,expert=2 fsdp=2,expert=1"), and
-# XLA_PYTHON_CLIENT_MEM_FRACTION (default here 0.95, for the same reason).
+# MESHES_2 (the 2-device meshes, default "fsdp=1,expert=2 fsdp=2,expert=1"),
+# XLA_PYTHON_CLIENT_MEM_FRACTION (default here 0.95, for the same reason), and PROFILE (set:
+# the one-device step benchmarks also trace a window into OUT_DIR/profile_<name> and print
+# where the time went).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -47,10 +49,21 @@ DEVICES="$("$PYTHON" -c 'import jax; print(jax.device_count())')" || exit 2
 echo "== $DEVICES device(s) visible"
 
 ONE=(--num_devices=1 --mesh=data=1)
-run step_ec_xl_8e bench/step.py --model=ec "${ONE[@]}" --batch_size="$BATCH"
-run step_dense_xl bench/step.py --model=dense "${ONE[@]}" --batch_size="$BATCH"
+# profile NAME: the --profile_dir flag for NAME when PROFILE is set, else nothing.
+profile() { [ -n "${PROFILE:-}" ] && echo "--profile_dir=$OUT/profile_$1"; }
+for name in step_ec_xl_8e step_ec_xl_8e_einsum step_dense_xl; do
+  case "$name" in
+    step_ec_xl_8e) flags=(--model=ec) ;;
+    step_ec_xl_8e_einsum) flags=(--model=ec --moe_dispatch=einsum) ;;
+    *) flags=(--model=dense) ;;
+  esac
+  # shellcheck disable=SC2046  # profile prints one flag or nothing
+  run "$name" bench/step.py "${flags[@]}" "${ONE[@]}" --batch_size="$BATCH" $(profile "$name")
+done
 run sample_ec_xl_8e_vs_dense bench/sample.py --model=ec --batch_size="$SAMPLE_BATCH" \
   --num_steps="$SAMPLE_STEPS"
+run sample_ec_xl_8e_einsum_vs_dense bench/sample.py --model=ec --moe_dispatch=einsum \
+  --batch_size="$SAMPLE_BATCH" --num_steps="$SAMPLE_STEPS"
 
 if ((DEVICES >= 2)); then
   for mesh in $MESHES_2; do
