@@ -120,6 +120,9 @@ def get_config() -> ml_collections.ConfigDict:
   # a category, capacity sweeps) is `python -m ecdit_jax.evaluate`.
   config.eval_every_steps = 2500
   config.eval = ml_collections.ConfigDict(dict(num_per_category=10, batch_size=60))
+  # A jax.profiler trace of num_steps steps (0 = none), skip_steps after the run's first step
+  # (past compilation), into workdir/profile; bench/trace_summary.py summarises it.
+  config.profile = ml_collections.ConfigDict(dict(num_steps=0, skip_steps=20))
   config.sample = ml_collections.ConfigDict(dict(
       num_steps=25,
       method="euler",  # or heun

@@ -26,6 +26,7 @@ from ecdit_jax.train import geneval, input_pipeline, pretrained, text_conditioni
 from ecdit_jax.train.checkpoint import Checkpointer, check_same_model
 from ecdit_jax.train.metrics import MetricWriter, Progress, log_line, name_moe_layers
 from ecdit_jax.train.optimizer import LR_DECAYS, make_optimizer
+from ecdit_jax.train.profiling import ProfileWindow
 from ecdit_jax.train.sampling import make_sampler, sample_grid, to_uint8
 from ecdit_jax.train.state import TrainState, abstract_train_state
 from ecdit_jax.train.step import make_train_step
@@ -76,6 +77,10 @@ def validate_config(config: ml_collections.ConfigDict):
         f"config.data.dataset={config.data.dataset!r}; set it to 0")
   check(config.eval.num_per_category >= 1 and config.eval.batch_size >= 1,
         "config.eval.num_per_category and config.eval.batch_size must be >= 1")
+  for key in ("num_steps", "skip_steps"):
+    value = config.profile[key]
+    check(isinstance(value, int) and value >= 0,
+          f"config.profile.{key}={value!r} must be an integer >= 0")
   pretrained.check_config(config, model_config)
   mesh = mesh_lib.create_mesh(config.mesh)
   n_expert = mesh.shape["expert"]
@@ -213,6 +218,7 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
   config_dict = config_as_dict(config)
   losses, skipped_records, skipped_updates = [], 0, 0
   pending = None  # (step number, metrics): checked one step late to keep the device busy
+  profile = ProfileWindow(workdir, start + config.profile.skip_steps, config.profile.num_steps)
 
   def check(pending_step, metrics):
     nonlocal skipped_updates
@@ -228,6 +234,7 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
 
   with _StopRequest() as stop:
     for step in range(start, total):
+      profile.before_step(step)
       batch = next(iterator)
       skipped_records += int(batch.pop("num_skipped"))
       masked = config.diffusion.mask_ratio > 0 and step < unmasked_from
@@ -236,6 +243,7 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
       if pending is not None:
         check(*pending)
       pending, done = (step + 1, metrics), step + 1
+      profile.after_step(done, state)
 
       if done % config.log_every_steps == 0 or done == total:
         check(*pending)
@@ -271,6 +279,7 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
       if stop.requested:
         log_line(f"SIGTERM: saved step {done}, exiting")
         break
+  profile.stop(done, state)  # a window cut short by the end of the run or SIGTERM
   writer.close()
   return state
 

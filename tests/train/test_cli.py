@@ -45,6 +45,7 @@ def test_train_then_sample(data_dir, tmp_path):
   in_training = rows[2]
   assert 0.0 <= in_training["eval/geneval_shapes/overall"] <= 1.0
   assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert not os.path.exists(os.path.join(workdir, "profile"))  # config.profile is off by default
   grid = Image.open(os.path.join(workdir, "samples", "step_0000004.png"))
   assert grid.size[0] == 4 * 32 * 4  # four 32x32 samples a row, enlarged 4x
 
