@@ -6,12 +6,14 @@ r"""Training-step throughput of the real sharded train step, on synthetic batche
   python bench/step.py --smoke                                        # tiny, checks it on a CPU
   python bench/step.py --model=ec --profile_dir=bench/out/prof_ec     # + a profiled window
   python bench/step.py --config=configs/shapes_gpu.py --batch_size=512 # a config file's model
+  python bench/step.py --config=configs/shapes_gpu.py --steps_per_call=8  # 8 steps a dispatch
 
 The step is exactly what training runs: ``sharding.init_train_state`` lays the state out on the
 mesh, ``step.make_train_step`` (noise, caption dropout, loss, gradients, RMSProp-momentum, EMA)
 is jitted by ``sharding.jit_train_step`` and called under ``jax.set_mesh``. The input pipeline
 is left out: one random batch (latents, full-length random prompts) sits on the devices and is
-fed to every step.
+fed to every step. ``--steps_per_call=K`` runs K steps a call, as ``config.steps_per_call`` does
+in training (a scan over K stacked copies of the batch), to show what dispatch costs.
 
 Reported: lower and compile seconds, images/s and tokens/s (tokens the backbone sees: all of
 them, or the kept ones under token masking) from the median of ``--windows`` windows of
@@ -56,10 +58,18 @@ def parse_args(argv):
   parser.add_argument("--grad_accum_steps", type=int, default=1)
   parser.add_argument("--mask_ratio", type=float, default=None,
                       help="token masking (default: 0 for --model, the preset's for --preset)")
+  parser.add_argument("--steps_per_call", type=int, default=1,
+                      help="train steps a jitted call (a scan over stacked batches); must "
+                           "divide --steps")
   parser.add_argument("--profile_dir", default=None,
                       help="trace one more window into this directory and summarise it")
   args = parser.parse_args(argv)
   common.apply_smoke(args, calls_flag="steps")
+  if args.smoke and args.steps_per_call > 1:
+    args.steps = args.steps_per_call  # one call
+  if args.steps_per_call < 1 or args.steps % args.steps_per_call:
+    parser.error(f"--steps_per_call={args.steps_per_call} must be positive and divide "
+                 f"--steps={args.steps}")
   return args
 
 
@@ -106,20 +116,24 @@ def main(argv=None) -> dict:
   masked = mask_ratio > 0
   step_fn = make_train_step(graphdef, model_config, config, optimizer,
                             common.null_tokens(model_config.text_max_len), masked=masked)
-  jitted = sharding.jit_train_step(step_fn, shardings, mesh)
+  per_call = args.steps_per_call
+  jitted = sharding.jit_train_step(step_fn, shardings, mesh, stacked=per_call > 1)
   batch = sharding.global_batch(synthetic_batch(model_config, config.batch_size, args.seed), mesh)
+  if per_call > 1:
+    batch = sharding.make_batch_stacker(mesh)([batch] * per_call)
+  calls = args.steps // per_call
 
   with jax.set_mesh(mesh):
     lowered, lower_s = common.timed(lambda: jitted.lower(state, batch))
     compiled, compile_s = common.timed(lowered.compile)
     metrics = None
     for _ in range(args.warmup):
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch)  # warm-up calls: steps_per_call steps each
     jax.block_until_ready(state)
 
     def window():
       nonlocal state, metrics
-      for _ in range(args.steps):
+      for _ in range(calls):
         state, metrics = compiled(state, batch)  # dispatched without waiting
       jax.block_until_ready(state)
 
@@ -129,6 +143,8 @@ def main(argv=None) -> dict:
       with jax.profiler.trace(args.profile_dir, create_perfetto_trace=True):
         window()
       profile = trace_summary.summarize(trace_summary.load_events(args.profile_dir), args.steps)
+  if per_call > 1:  # the metrics of the last call's steps: keep its last
+    metrics = jax.tree.map(lambda x: x[-1], metrics)
   loss, nonfinite = float(metrics["loss"]), bool(metrics["nonfinite"])
   peak = common.peak_memory_bytes(devices)  # before the matmul reference allocates anything
   state = batch = metrics = None  # free the devices for the matmul reference
@@ -158,6 +174,7 @@ def main(argv=None) -> dict:
       "compile_s": compile_s,
       "warmup_steps": args.warmup,
       "steps_per_window": args.steps,
+      "steps_per_call": per_call,
       **stats,
       "images_per_s_per_device": images_per_s / len(devices),
       "tokens_per_s": images_per_s * (tokens or model_config.num_tokens),
@@ -174,7 +191,8 @@ def main(argv=None) -> dict:
       "profile": profile,
   }
   peak_text = "n/a" if peak is None else f"{peak / 2**30:.1f} GiB"
-  print(f"step {record['name']} mesh={args.mesh} batch={config.batch_size} "
+  per_call_text = f" steps/call={per_call}" if per_call > 1 else ""
+  print(f"step {record['name']} mesh={args.mesh} batch={config.batch_size}{per_call_text} "
         f"{record['environment']['device_kind']} x{len(devices)}: compile {compile_s:.1f}s, "
         f"{images_per_s:.1f} img/s, {record['tokens_per_s']:.0f} tok/s, "
         f"{model_tflops:.1f} model TFLOP/s, matmul {matmul['tflops']:.1f} TFLOP/s/device, "

@@ -109,6 +109,11 @@ def get_config() -> ml_collections.ConfigDict:
   # 0.995 averages over ~200 steps: 0.999 lags too far behind in runs of ~10K steps.
   config.ema_decay = 0.995
   config.nonfinite_loss = "stop"  # or "skip": drop the update of a step with a NaN/inf loss
+  # Training steps per jitted call (a lax.scan over stacked batches). Dispatching a step costs
+  # the host time per state buffer (~900 of them for the default model), which exceeds a small
+  # model's device time on a GPU; several steps a call amortise it. The logging, checkpoint,
+  # sample and eval intervals must be multiples of it.
+  config.steps_per_call = 1
 
   # Logging, checkpoints, samples.
   config.log_every_steps = 100

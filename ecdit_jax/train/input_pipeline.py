@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import jax
 import ml_collections
@@ -19,6 +20,7 @@ from etils import epath
 from ecdit_jax.data import geneval_shapes_tfds, latents, memory_cache, pipeline
 from ecdit_jax.data import tokenizer as tokenizer_lib
 from ecdit_jax.model import ConfigError, ModelConfig
+from ecdit_jax.train.metrics import log_line
 
 TOKENIZER_FILE = "tokenizer.model"  # copied into the workdir so that sampling needs no data_dir
 LATENTS_PREFIX = "latents:"
@@ -161,7 +163,10 @@ def train_iterator(config: ml_collections.ConfigDict, source, tok, vae_factor: i
             "latent_channels": config.model.in_channels if precomputed else None,
             "resize_images": encode}
   if config.data.get("cache_in_memory", False):
+    start = time.perf_counter()
     records = memory_cache.decode_all(source, **common)
+    log_line(f"decoded {len(records)} records into memory ({records.nbytes / 1e6:.1f} MB, "
+             f"{records.num_skipped} skipped) in {time.perf_counter() - start:.1f} s")
     return memory_cache.CachedBatchIterator(records, per_process, config.seed)
   return pipeline.make_dataset_iterator(source, batch_size=per_process, seed=config.seed,
                                         worker_count=config.data.worker_count, **common)

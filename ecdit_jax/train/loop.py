@@ -77,6 +77,13 @@ def validate_config(config: ml_collections.ConfigDict):
         f"config.data.dataset={config.data.dataset!r}; set it to 0")
   check(config.eval.num_per_category >= 1 and config.eval.batch_size >= 1,
         "config.eval.num_per_category and config.eval.batch_size must be >= 1")
+  per_call = config.steps_per_call
+  check(isinstance(per_call, int) and per_call >= 1,
+        f"config.steps_per_call={per_call!r} must be a positive integer")
+  for key in ("log_every_steps", "checkpoint_every_steps", "sample_every_steps",
+              "eval_every_steps"):
+    check(config[key] % per_call == 0,
+          f"config.{key}={config[key]} must be a multiple of config.steps_per_call={per_call}")
   for key in ("num_steps", "skip_steps"):
     value = config.profile[key]
     check(isinstance(value, int) and value >= 0,
@@ -201,10 +208,15 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
   # A frozen text encoder turns the batch's tokens into context before the step (encode_batch).
   batch_ranks = (text_conditioning.CONTEXT_BATCH_RANKS if frozen.text_encoder is not None
                  else sharding.TOKEN_BATCH_RANKS)
-  steps = {masked: sharding.jit_train_step(
-      make_train_step(graphdef, model_config, config, optimizer, null_tokens, masked=masked,
-                      null_context=frozen.null_context),
-      shardings, mesh, batch_ranks) for masked in {False, config.diffusion.mask_ratio > 0}}
+  train_steps = {masked: make_train_step(graphdef, model_config, config, optimizer, null_tokens,
+                                         masked=masked, null_context=frozen.null_context)
+                 for masked in {False, config.diffusion.mask_ratio > 0}}
+  # steps[masked, stacked]: one step a call, or a scan over stacked batches (steps_per_call > 1).
+  per_call = config.steps_per_call
+  steps = {(masked, stacked): sharding.jit_train_step(fn, shardings, mesh, batch_ranks,
+                                                      stacked=stacked)
+           for masked, fn in train_steps.items() for stacked in {False, per_call > 1}}
+  stack = sharding.make_batch_stacker(mesh, batch_ranks) if per_call > 1 else None
   unmasked_from = total - config.diffusion.unmasked_final_steps
   sampler = None
   if config.sample_every_steps or config.eval_every_steps:
@@ -217,38 +229,48 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
   progress = Progress(start, total, config.batch_size)
   config_dict = config_as_dict(config)
   losses, skipped_records, skipped_updates = [], 0, 0
-  pending = None  # (step number, metrics): checked one step late to keep the device busy
+  pending = None  # (first step number, metrics): checked one call late to keep the device busy
   profile = ProfileWindow(workdir, start + config.profile.skip_steps, config.profile.num_steps)
 
-  def check(pending_step, metrics):
+  def check(first_step, metrics):
     nonlocal skipped_updates
-    losses.append(float(metrics["loss"]))
-    if bool(metrics["nonfinite"]):
+    losses.extend(np.atleast_1d(np.asarray(metrics["loss"])).tolist())
+    for index in np.flatnonzero(np.atleast_1d(np.asarray(metrics["nonfinite"]))):
       if config.nonfinite_loss == "stop":
         raise FloatingPointError(
-            f"non-finite loss or gradient at step {pending_step}; stopping "
+            f"non-finite loss or gradient at step {first_step + index}; stopping "
             f"(config.nonfinite_loss='stop'). Checkpoints already saved are untouched; the "
             f"latest is step {checkpointer.latest_step()}.")
       skipped_updates += 1
-      log_line(f"step {pending_step}: non-finite loss or gradient, update skipped")
+      log_line(f"step {first_step + index}: non-finite loss or gradient, update skipped")
 
   with _StopRequest() as stop:
-    for step in range(start, total):
+    step = start
+    while step < total:
       profile.before_step(step)
-      batch = next(iterator)
-      skipped_records += int(batch.pop("num_skipped"))
+      count = _steps_in_call(step, total, per_call, unmasked_from)
+      batches = []
+      for _ in range(count):
+        batch = next(iterator)
+        skipped_records += int(batch.pop("num_skipped"))
+        batches.append(frozen.encode_batch(sharding.global_batch(batch, mesh)))
       masked = config.diffusion.mask_ratio > 0 and step < unmasked_from
-      batch = frozen.encode_batch(sharding.global_batch(batch, mesh))
-      state, metrics = steps[masked](state, batch)
+      if count == 1:
+        state, metrics = steps[masked, False](state, batches[0])
+      else:  # metrics come stacked over the call's steps
+        state, metrics = steps[masked, True](state, stack(batches))
       if pending is not None:
         check(*pending)
-      pending, done = (step + 1, metrics), step + 1
+      pending, step = (step + 1, metrics), step + count
+      done = step
       profile.after_step(done, state)
 
       if done % config.log_every_steps == 0 or done == total:
         check(*pending)
         pending = None
         rates = progress.update(done)
+        if count > 1:  # the call's last step speaks for it
+          metrics = jax.tree.map(lambda x: x[-1], metrics)
         scalars = {"loss": float(np.mean(losses)), "aux_loss": float(metrics["aux_loss"]),
                    "grad_norm": float(metrics["grad_norm"]),
                    "learning_rate": float(metrics["learning_rate"]),
@@ -282,6 +304,16 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
   profile.stop(done, state)  # a window cut short by the end of the run or SIGTERM
   writer.close()
   return state
+
+
+def _steps_in_call(step: int, total: int, per_call: int, unmasked_from: int) -> int:
+  """Steps the call starting at ``step`` runs: up to the next multiple of ``per_call`` (where
+  logging, checkpoints and evaluation fall), never past the end or the switch to unmasked
+  steps. A run resumed off a multiple, or one that unmasks off a multiple, realigns."""
+  count = min(per_call - step % per_call, total - step)
+  if step < unmasked_from:
+    count = min(count, unmasked_from - step)
+  return count
 
 
 def _write_samples(sampler, state, prompt_tokens, null_tokens, config, workdir, writer, step):

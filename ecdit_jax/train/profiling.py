@@ -32,7 +32,8 @@ class ProfileWindow:
     return self._started_at is not None
 
   def before_step(self, step: int) -> None:
-    if self._enabled and step == self.first and not self.active:
+    # Calls of several steps (config.steps_per_call) may start past ``first``.
+    if self._enabled and step >= self.first and not self.active:
       self.directory.mkdir(parents=True, exist_ok=True)
       jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
       self._started_at = time.perf_counter()

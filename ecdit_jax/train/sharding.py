@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -90,13 +91,37 @@ def init_train_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh
 TOKEN_BATCH_RANKS = {"image": 4, "tokens": 2}
 
 
+def stacked_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Batches stacked along a leading steps axis (``ndim`` counts it): that axis whole, the
+  batch axis split as in ``mesh_lib.batch_sharding``."""
+  spec = mesh_lib.batch_sharding(mesh, ndim - 1).spec
+  return NamedSharding(mesh, PartitionSpec(None, *spec))
+
+
 def jit_train_step(train_step, shardings: TrainState, mesh: Mesh,
-                   batch_ranks: dict[str, int] | None = None):
+                   batch_ranks: dict[str, int] | None = None, *, stacked: bool = False):
   """The step jitted with the state's shardings in and out and the batch split over the batch
   axes; call it inside ``jax.set_mesh(mesh)`` so MoE layers see the expert axis.
 
-  ``batch_ranks`` gives the batch's keys and their ranks (default: image and tokens)."""
+  ``batch_ranks`` gives the batch's keys and their ranks (default: image and tokens). With
+  ``stacked``, the function takes batches stacked along a leading axis (``stack_batches``) and
+  runs one step per batch in a ``lax.scan``, returning the metrics of every step stacked: the
+  host dispatches once for several steps."""
   ranks = TOKEN_BATCH_RANKS if batch_ranks is None else batch_ranks
-  batch = {key: mesh_lib.batch_sharding(mesh, rank) for key, rank in ranks.items()}
-  return jax.jit(train_step, in_shardings=(shardings, batch),
+  if stacked:
+    batch = {key: stacked_batch_sharding(mesh, rank + 1) for key, rank in ranks.items()}
+    fn = lambda state, batches: jax.lax.scan(train_step, state, batches)
+  else:
+    batch = {key: mesh_lib.batch_sharding(mesh, rank) for key, rank in ranks.items()}
+    fn = train_step
+  return jax.jit(fn, in_shardings=(shardings, batch),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def make_batch_stacker(mesh: Mesh, batch_ranks: dict[str, int] | None = None):
+  """[global batch, ...] -> one batch with a leading steps axis, split like the batches (on the
+  devices: encoded context stacks as well as host data)."""
+  ranks = TOKEN_BATCH_RANKS if batch_ranks is None else batch_ranks
+  out = {key: stacked_batch_sharding(mesh, rank + 1) for key, rank in ranks.items()}
+  return jax.jit(lambda batches: jax.tree.map(lambda *xs: jnp.stack(xs), *batches),
+                 out_shardings=out)

@@ -1,0 +1,77 @@
+"""config.steps_per_call: several steps in one jitted call train like one step a call."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ecdit_jax.model import ConfigError
+from ecdit_jax.train.checkpoint import Checkpointer
+from ecdit_jax.train.loop import _steps_in_call, train_and_evaluate, validate_config
+
+from train_testing import tiny_train_config
+
+
+def logged(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {row["step"]: row for row in map(json.loads, f)}
+
+
+def test_several_steps_a_call_match_one_step_a_call_across_a_resume(data_dir, tmp_path):
+  def config(**overrides):
+    # The last step is unmasked, so the switch falls inside a call of two and splits it.
+    return tiny_train_config(data_dir, log_every_steps=2, checkpoint_every_steps=2,
+                             **{"diffusion.unmasked_final_steps": 1, **overrides})
+
+  one = str(tmp_path / "one")
+  final_one = train_and_evaluate(config(), one)
+
+  two = str(tmp_path / "two")
+  train_and_evaluate(config(steps_per_call=2, num_train_steps=3), two)  # calls [0, 2), [2, 3)
+  assert Checkpointer(two).all_steps() == [2, 3]
+  # Resumed off a multiple of 2: calls [3, 4), [4, 5), then [5, 6) unmasked.
+  final_two = train_and_evaluate(config(steps_per_call=2), two)
+
+  rows_one, rows_two = logged(one), logged(two)
+  assert sorted(rows_two) == [2, 3, 4, 6]
+  for step in (2, 4, 6):
+    for key in ("grad_norm", "learning_rate"):  # the values of the logged step
+      np.testing.assert_allclose(rows_two[step][key], rows_one[step][key], rtol=1e-5,
+                                 err_msg=f"{key} at step {step}")
+  # A logged loss is the mean since the last log; the first run of `two` also logged step 3.
+  expected = {2: rows_one[2]["loss"], 6: rows_one[6]["loss"]}
+  found = {2: rows_two[2]["loss"], 6: rows_two[6]["loss"]}
+  expected[4], found[4] = rows_one[4]["loss"], (rows_two[3]["loss"] + rows_two[4]["loss"]) / 2
+  for step in expected:
+    np.testing.assert_allclose(found[step], expected[step], rtol=1e-5, err_msg=f"loss {step}")
+  assert int(final_two.step) == int(final_one.step) == 6
+  for a, b in zip(jax.tree.leaves(final_one.params), jax.tree.leaves(final_two.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_steps_in_call_stop_at_multiples_the_end_and_the_unmasked_switch():
+  # (step, total, per_call, unmasked_from) -> steps in the call
+  assert _steps_in_call(0, 10, 4, 10) == 4
+  assert _steps_in_call(8, 10, 4, 10) == 2  # the end
+  assert _steps_in_call(3, 10, 4, 10) == 1  # resumed off a multiple: realign
+  assert _steps_in_call(4, 10, 4, 6) == 2  # the switch to unmasked steps
+  assert _steps_in_call(6, 10, 4, 6) == 2  # after the switch: realign to 8
+  assert _steps_in_call(5, 9, 1, 7) == 1
+
+
+@pytest.mark.parametrize("key", ["log_every_steps", "checkpoint_every_steps",
+                                 "sample_every_steps", "eval_every_steps"])
+def test_intervals_that_split_a_call_name_the_key(data_dir, key):
+  intervals = {"log_every_steps": 4, "checkpoint_every_steps": 4, "sample_every_steps": 4,
+               "eval_every_steps": 4, key: 6}
+  config = tiny_train_config(data_dir, steps_per_call=4, **intervals)
+  with pytest.raises(ConfigError, match=f"config.{key}=6 must be a multiple of "
+                                        "config.steps_per_call=4"):
+    validate_config(config)
+
+
+def test_steps_per_call_must_be_positive(data_dir):
+  with pytest.raises(ConfigError, match="config.steps_per_call"):
+    validate_config(tiny_train_config(data_dir, steps_per_call=0))
