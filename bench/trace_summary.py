@@ -29,7 +29,8 @@ KINDS = (
     ("collective", (r"all-to-all|all_to_all|alltoall|all-reduce|allreduce|all-gather|allgather|"
                     r"reduce-scatter|reducescatter|nccl|collective-permute")),
     ("attention", r"cudnn|flash|fmha|attention|sdpa"),
-    ("matmul", r"gemm|cublas|\bdot\b|dot[._]|matmul|cutlass|wgmma|convolution"),
+    # nvjet_*: the names of cuBLAS's Hopper GEMM kernels.
+    ("matmul", r"gemm|cublas|nvjet|\bdot\b|dot[._]|matmul|cutlass|wgmma|convolution"),
     ("sort/top-k", r"sort|topk|top-k|top_k"),
     ("gather/scatter", r"gather|scatter|dynamic-slice|dynamic_slice|dynamic-update-slice"),
     ("copy/transpose", r"copy|transpose|memcpy|memset"),

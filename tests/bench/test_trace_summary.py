@@ -36,6 +36,18 @@ def _gpu_trace():
   return events
 
 
+@pytest.mark.parametrize("name,kind", [
+    ("nvjet_sm90_tst_144x128_64x6_1x2_h_bz_TNN", "matmul"),  # cuBLAS on Hopper
+    ("gemm_fusion_dot_1393", "matmul"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "attention"),
+    ("loop_select_fusion_14", "fusion"),
+    ("input_scatter_fusion_28", "gather/scatter"),
+    ("ncclDevKernel_AllReduce_Sum_f32", "collective"),
+])
+def test_kernel_names_of_real_gpu_profiles(name, kind):
+  assert trace_summary.kind_of(name) == kind
+
+
 def test_sums_kinds_and_busy_time_of_a_gpu_trace():
   summary = trace_summary.summarize(_gpu_trace(), steps=2)
   assert summary["source"] == "device" and summary["devices"] == 1
