@@ -5,7 +5,8 @@ batch (512), the data (decoded once into host memory, ``data.cache_in_memory``, 
 process decodes only ~2.6K images/s), ten steps per jitted call (``steps_per_call``: dispatching
 one step of this small model costs the host more than the GPU's work on it), and a cosine
 learning-rate decay to zero at the last step, so that the fixed budget of steps ends on a
-settled model. Run it with:
+settled model. On one H100 it trains in about 7 minutes (data generation included) to a
+GenEval-Shapes score of about 0.94. Run it with:
 
   python -m ecdit_jax.main --config=configs/shapes_gpu.py --workdir=workdirs/shapes_gpu
 
@@ -24,13 +25,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.cache_in_memory = True
   config.data.worker_count = 12  # used when streaming (cache_in_memory=False)
   config.steps_per_call = 10
-  config.num_train_steps = 20_000
+  config.num_train_steps = 32_000
   config.learning_rate = 4e-4
   config.warmup_steps = 500
   config.lr_decay = "cosine"
   config.log_every_steps = 500
   config.checkpoint_every_steps = 2_000
-  config.sample_every_steps = 5_000
-  config.eval_every_steps = 5_000
+  config.sample_every_steps = 8_000
+  config.eval_every_steps = 8_000
   config.eval = ml_collections.ConfigDict(dict(num_per_category=50, batch_size=300))
   return config
