@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from ecdit_jax.model import ConfigError
+from ecdit_jax.parallel import mesh as mesh_lib
+from ecdit_jax.train import sharding
 from ecdit_jax.train.checkpoint import Checkpointer
 from ecdit_jax.train.loop import _steps_in_call, train_and_evaluate, validate_config
+from ecdit_jax.train.text_conditioning import CONTEXT_BATCH_RANKS
 
 from train_testing import tiny_train_config
 
@@ -75,3 +78,21 @@ def test_intervals_that_split_a_call_name_the_key(data_dir, key):
 def test_steps_per_call_must_be_positive(data_dir):
   with pytest.raises(ConfigError, match="config.steps_per_call"):
     validate_config(tiny_train_config(data_dir, steps_per_call=0))
+
+
+def test_encoded_context_batches_stack_split_over_the_batch_axes():
+  # Batches of frozen-encoder context, as the loop stacks them: on a data x fsdp mesh of the
+  # 8 devices, the stack keeps each batch's rows where they were and adds a whole steps axis.
+  mesh = mesh_lib.create_mesh({"data": 4, "fsdp": 2})
+  rng = np.random.default_rng(0)
+  host = [{"image": rng.standard_normal((16, 4, 4, 3), np.float32),
+           "context": rng.standard_normal((16, 5, 8), np.float32),
+           "context_lengths": rng.integers(1, 6, 16).astype(np.int32)} for _ in range(3)]
+  stacked = sharding.make_batch_stacker(mesh, CONTEXT_BATCH_RANKS)(
+      [sharding.global_batch(batch, mesh) for batch in host])
+  for key, rank in CONTEXT_BATCH_RANKS.items():
+    np.testing.assert_array_equal(stacked[key], np.stack([batch[key] for batch in host]))
+    assert stacked[key].sharding.spec == sharding.stacked_batch_sharding(mesh, rank + 1).spec
+    assert stacked[key].sharding.spec[0] is None
+    # Each device holds its rows of all three steps: 16 rows over 8 devices.
+    assert stacked[key].addressable_shards[0].data.shape[:2] == (3, 2)

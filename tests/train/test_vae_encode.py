@@ -36,9 +36,13 @@ def _config(data_dir, vae_dir, **overrides):
   return tiny_train_config(data_dir, **values)
 
 
-def test_trains_on_encoded_images_and_samples_decoded_images(data_dir, vae_dir, tmp_path):
+# steps_per_call=2: the two encoded batches are stacked on the devices and run in one call.
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_trains_on_encoded_images_and_samples_decoded_images(data_dir, vae_dir, tmp_path,
+                                                             steps_per_call):
   workdir = str(tmp_path / "run")
-  state = train_and_evaluate(_config(data_dir, vae_dir), workdir)
+  state = train_and_evaluate(_config(data_dir, vae_dir, steps_per_call=steps_per_call,
+                                     log_every_steps=2), workdir)
   assert int(state.step) == 2
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [json.loads(line)["loss"] for line in f if "loss" in line]
