@@ -17,7 +17,7 @@
 # parameters + EMA + two optimizer moments in float32, is about 86 GB, so 40 to 45 GiB a device),
 # MESHES_2 (the 2-device meshes, default "fsdp=1,expert=2 fsdp=2,expert=1"),
 # XLA_PYTHON_CLIENT_MEM_FRACTION (default here 0.95, for the same reason), and PROFILE (set:
-# the one-device step benchmarks also trace a window into OUT_DIR/profile_<name> and print
+# the one-device step and sampling benchmarks also trace into OUT_DIR/profile_<name> and print
 # where the time went).
 set -uo pipefail
 
@@ -60,10 +60,13 @@ for name in step_ec_xl_8e step_ec_xl_8e_einsum step_dense_xl; do
   # shellcheck disable=SC2046  # profile prints one flag or nothing
   run "$name" bench/step.py "${flags[@]}" "${ONE[@]}" --batch_size="$BATCH" $(profile "$name")
 done
+# shellcheck disable=SC2046
 run sample_ec_xl_8e_vs_dense bench/sample.py --model=ec --batch_size="$SAMPLE_BATCH" \
-  --num_steps="$SAMPLE_STEPS"
+  --num_steps="$SAMPLE_STEPS" $(profile sample_ec_xl_8e_vs_dense)
+# shellcheck disable=SC2046
 run sample_ec_xl_8e_einsum_vs_dense bench/sample.py --model=ec --moe_dispatch=einsum \
-  --batch_size="$SAMPLE_BATCH" --num_steps="$SAMPLE_STEPS"
+  --batch_size="$SAMPLE_BATCH" --num_steps="$SAMPLE_STEPS" \
+  $(profile sample_ec_xl_8e_einsum_vs_dense)
 
 if ((DEVICES >= 2)); then
   for mesh in $MESHES_2; do

@@ -3,6 +3,7 @@ r"""Sampling throughput: an expert-choice model against a dense model of the sam
   python bench/sample.py --out=bench/out/sample.json        # EC-XL-8E vs its FLOP-matched dense
   python bench/sample.py --num_steps=50 --batch_size=16
   python bench/sample.py --smoke                           # tiny, checks it on a CPU
+  python bench/sample.py --moe_dispatch=einsum --profile_dir=bench/out/prof_sample
 
 The FLOP-matched dense model has the EC model's shape with no MoE and the FFN width h that
 makes its DiT forward FLOPs (``flops.forward_flops_per_image(...)["backbone"]`` at inference)
@@ -16,18 +17,24 @@ caption encoded once, CFG batch of 2B rows per step) from random parameters, sin
 does not depend on their values. Each is compiled (timed), warmed up, and then their timed
 windows alternate (EC, dense, EC, ...) so that clock or thermal drift hits both alike. A window
 is ``--calls`` sampler calls dispatched back to back and blocked on at the end.
+
+``--profile_dir`` traces one more call of each sampler with ``jax.profiler`` (into DIR/ec or
+DIR/tc, and DIR/dense) and adds their summaries (``bench/trace_summary.py``, per ODE step) to
+the printout and the record, so the two models' time by kind of op can be set side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 
 import common  # also puts the repository root on sys.path
 import jax
 import numpy as np
+import trace_summary
 from flax import nnx
 
 from ecdit_jax.model import ModelConfig, flops
@@ -48,6 +55,9 @@ def parse_args(argv):
   parser.add_argument("--calls", type=int, default=2, help="sampler calls per timed window")
   parser.add_argument("--dense_width_multiple", type=int, default=128,
                       help="round the matched dense FFN width to this multiple")
+  parser.add_argument("--profile_dir", default=None,
+                      help="trace one more call of each sampler into DIR/<model> and summarise "
+                           "it per ODE step")
   args = parser.parse_args(argv)
   common.apply_smoke(args, calls_flag="calls")
   if args.smoke:
@@ -149,6 +159,15 @@ def main(argv=None) -> dict:
   for _ in range(args.windows):
     for bench in benches:  # alternating, so drift in clocks or temperature hits both alike
       bench.timed_window()
+  profiles = None
+  if args.profile_dir:
+    profiles = {}
+    for bench in benches:
+      path = os.path.join(args.profile_dir, bench.name)
+      with jax.profiler.trace(path, create_perfetto_trace=True):
+        bench.call_window(1)
+      profiles[bench.name] = trace_summary.summarize(trace_summary.load_events(path),
+                                                     args.num_steps)
   devices = jax.devices()[:1]
   peak = common.peak_memory_bytes(devices)
   for bench in benches:
@@ -184,6 +203,7 @@ def main(argv=None) -> dict:
       "matmul_reference": matmul,
       "peak_bytes_in_use": peak,
       "peak_note": "process peak over both models",
+      "profile_per_ode_step": profiles,
   }
   print(f"sample {record['name']} batch={args.batch_size} steps={args.num_steps} "
         f"cfg={args.cfg_scale} {record['environment']['device_kind']}: "
@@ -191,6 +211,9 @@ def main(argv=None) -> dict:
         f"dense {dense['images_per_s']:.2f} img/s (compile {dense['compile_s']:.1f}s), "
         f"{label}/dense time {ratio:.3f} (target <= {TARGET_RATIO}), "
         f"matmul {matmul['tflops']:.1f} TFLOP/s")
+  for name, profile in (profiles or {}).items():
+    print(f"== {name}, one call, per ODE step:")
+    print(trace_summary.format_summary(profile))
   common.write_json(args.out, record)
   return record
 

@@ -27,7 +27,9 @@ def test_step_benchmark_writes_a_record_and_a_profile(tmp_path):
   assert record["profile"]["op_time_us_per_step"] > 0
 
 
-def test_sample_benchmark_compares_ec_with_dense(tmp_path):
-  record = _run("sample.py", tmp_path)
+def test_sample_benchmark_compares_ec_with_dense_and_profiles_both(tmp_path):
+  record = _run("sample.py", tmp_path, f"--profile_dir={tmp_path / 'profile'}")
   assert record["benchmark"] == "sampling" and set(record) >= {"moe", "dense"}
   assert record["time_ratio_moe_over_dense"] > 0
+  assert set(record["profile_per_ode_step"]) == {"ec", "dense"}
+  assert all(p["op_time_us_per_step"] > 0 for p in record["profile_per_ode_step"].values())
