@@ -261,8 +261,8 @@ def _train(config, model_config, workdir, graphdef, state, shardings, mesh, opti
         state, metrics = steps[masked, True](state, stack(batches))
       if pending is not None:
         check(*pending)
-      pending, step = (step + 1, metrics), step + count
-      done = step
+      pending = (step + 1, metrics)
+      step = done = step + count
       profile.after_step(done, state)
 
       if done % config.log_every_steps == 0 or done == total:

@@ -26,6 +26,7 @@ class ProfileWindow:
     self.first, self.last = first, first + num_steps  # steps [first, last) are traced
     self._enabled = num_steps > 0
     self._started_at = None
+    self._started_step = None  # the first traced step: ``first``, or the first call after it
 
   @property
   def active(self) -> bool:
@@ -36,7 +37,7 @@ class ProfileWindow:
     if self._enabled and step >= self.first and not self.active:
       self.directory.mkdir(parents=True, exist_ok=True)
       jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
-      self._started_at = time.perf_counter()
+      self._started_at, self._started_step = time.perf_counter(), step
 
   def after_step(self, done: int, state) -> None:
     if self.active and done >= self.last:
@@ -50,6 +51,6 @@ class ProfileWindow:
     seconds = time.perf_counter() - self._started_at
     jax.profiler.stop_trace()
     self._started_at, self._enabled = None, False
-    steps = done - self.first
-    log_line(f"profiled steps {self.first}-{done - 1} ({1e3 * seconds / max(steps, 1):.2f} ms a "
-             f"step, tracing included) into {self.directory}")
+    steps = done - self._started_step
+    log_line(f"profiled steps {self._started_step}-{done - 1} ({1e3 * seconds / max(steps, 1):.2f} "
+             f"ms a step, tracing included) into {self.directory}")

@@ -4,10 +4,12 @@ import glob
 import os
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from ecdit_jax.model import ConfigError
 from ecdit_jax.train.loop import train_and_evaluate, validate_config
+from ecdit_jax.train.profiling import ProfileWindow
 
 from train_testing import tiny_train_config
 
@@ -33,3 +35,16 @@ def test_bad_profile_values_name_the_key(data_dir, key, value):
   config = tiny_train_config(data_dir, **{f"profile.{key}": value})
   with pytest.raises(ConfigError, match=f"config.profile.{key}"):
     validate_config(config)
+
+
+def test_a_window_opened_by_a_later_call_reports_the_steps_it_traced(tmp_path, capsys):
+  # Calls of two steps start at 0, 2, 4, 6: a window asked for steps 3-6 opens at step 4.
+  window = ProfileWindow(str(tmp_path), first=3, num_steps=4)
+  state = jnp.zeros(())
+  for start in range(0, 10, 2):
+    window.before_step(start)
+    assert window.active == (4 <= start < 8)
+    state = state + 1
+    window.after_step(start + 2, state)
+  assert "profiled steps 4-7 " in capsys.readouterr().out
+  assert not window.active
