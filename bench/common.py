@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import importlib.util
 import json
 import os
@@ -268,6 +269,17 @@ def write_json(path: str | None, record: dict[str, Any]) -> None:
   with open(path, "w") as f:
     json.dump(record, f, indent=2, sort_keys=True)
     f.write("\n")
+  print(f"wrote {path}")
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes text to ``path`` (gzipped when it ends in .gz), making its directory."""
+  directory = os.path.dirname(path)
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "wt", encoding="utf-8") as f:
+    f.write(text)
   print(f"wrote {path}")
 
 

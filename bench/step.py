@@ -5,6 +5,7 @@ r"""Training-step throughput of the real sharded train step, on synthetic batche
   python bench/step.py --preset=XL-32E --num_devices=2 --mesh=fsdp=1,expert=2
   python bench/step.py --smoke                                        # tiny, checks it on a CPU
   python bench/step.py --model=ec --profile_dir=bench/out/prof_ec     # + a profiled window
+  python bench/step.py --model=ec --hlo_out=bench/out/ec.hlo.gz       # + the optimized HLO
   python bench/step.py --config=configs/shapes_gpu.py --batch_size=512 # a config file's model
   python bench/step.py --config=configs/shapes_gpu.py --steps_per_call=8  # 8 steps a dispatch
 
@@ -63,6 +64,9 @@ def parse_args(argv):
                            "divide --steps")
   parser.add_argument("--profile_dir", default=None,
                       help="trace one more window into this directory and summarise it")
+  parser.add_argument("--hlo_out", default=None,
+                      help="write the compiled step's optimized HLO text here (gzipped if the "
+                           "name ends in .gz), to read what a profile's fusions compute")
   args = parser.parse_args(argv)
   common.apply_smoke(args, calls_flag="steps")
   if args.smoke and args.steps_per_call > 1:
@@ -126,6 +130,8 @@ def main(argv=None) -> dict:
   with jax.set_mesh(mesh):
     lowered, lower_s = common.timed(lambda: jitted.lower(state, batch))
     compiled, compile_s = common.timed(lowered.compile)
+    if args.hlo_out:
+      common.write_text(args.hlo_out, compiled.as_text())
     metrics = None
     for _ in range(args.warmup):
       state, metrics = compiled(state, batch)  # warm-up calls: steps_per_call steps each

@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny --smoke models on CPU) and write complete records; their
 numbers are not checked here: speed is what bench/RESULTS.md records from real cards."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -20,11 +21,13 @@ def _run(script, tmp_path, *flags):
 
 def test_step_benchmark_writes_a_record_and_a_profile(tmp_path):
   record = _run("step.py", tmp_path, "--moe_dispatch=einsum",
-                f"--profile_dir={tmp_path / 'profile'}")
+                f"--profile_dir={tmp_path / 'profile'}", f"--hlo_out={tmp_path / 'step.hlo.gz'}")
   assert record["model"]["moe_dispatch"] == "einsum"
   assert record["images_per_s"] > 0 and record["compile_s"] > 0
   assert not record["final_step_nonfinite"]
   assert record["profile"]["op_time_us_per_step"] > 0
+  with gzip.open(tmp_path / "step.hlo.gz", "rt") as f:
+    assert "ENTRY" in f.read()  # the compiled module's text
 
 
 def test_sample_benchmark_compares_ec_with_dense_and_profiles_both(tmp_path):
