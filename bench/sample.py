@@ -20,7 +20,8 @@ is ``--calls`` sampler calls dispatched back to back and blocked on at the end.
 
 ``--profile_dir`` traces one more call of each sampler with ``jax.profiler`` (into DIR/ec or
 DIR/tc, and DIR/dense) and adds their summaries (``bench/trace_summary.py``, per ODE step) to
-the printout and the record, so the two models' time by kind of op can be set side by side.
+the printout and the record, so the two models' time by kind of op and by source line
+(``bench/hlo_sources.py``) can be set side by side.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import statistics
 import sys
 
 import common  # also puts the repository root on sys.path
+import hlo_sources
 import jax
 import numpy as np
 import trace_summary
@@ -166,8 +168,9 @@ def main(argv=None) -> dict:
       path = os.path.join(args.profile_dir, bench.name)
       with jax.profiler.trace(path, create_perfetto_trace=True):
         bench.call_window(1)
+      sources = hlo_sources.parse(bench.compiled.as_text())  # time by source line too
       profiles[bench.name] = trace_summary.summarize(trace_summary.load_events(path),
-                                                     args.num_steps)
+                                                     args.num_steps, sources=sources)
   devices = jax.devices()[:1]
   peak = common.peak_memory_bytes(devices)
   for bench in benches:

@@ -24,7 +24,8 @@ rate measured in the same run on one device of the mesh times the mesh's devices
 
 ``--profile_dir`` traces one more window after the timed ones with ``jax.profiler`` (view it in
 TensorBoard or Perfetto) and adds its summary (``bench/trace_summary.py``: time by op and kind
-of op, device idle time) to the printout and the record.
+of op, device idle time, and time by line of source and pass through ``bench/hlo_sources.py``)
+to the printout and the record.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import math
 import sys
 
 import common  # also puts the repository root on sys.path
+import hlo_sources
 import jax
 import numpy as np
 import trace_summary
@@ -130,8 +132,9 @@ def main(argv=None) -> dict:
   with jax.set_mesh(mesh):
     lowered, lower_s = common.timed(lambda: jitted.lower(state, batch))
     compiled, compile_s = common.timed(lowered.compile)
+    hlo_text = compiled.as_text() if args.hlo_out or args.profile_dir else None
     if args.hlo_out:
-      common.write_text(args.hlo_out, compiled.as_text())
+      common.write_text(args.hlo_out, hlo_text)
     metrics = None
     for _ in range(args.warmup):
       state, metrics = compiled(state, batch)  # warm-up calls: steps_per_call steps each
@@ -148,7 +151,8 @@ def main(argv=None) -> dict:
     if args.profile_dir:
       with jax.profiler.trace(args.profile_dir, create_perfetto_trace=True):
         window()
-      profile = trace_summary.summarize(trace_summary.load_events(args.profile_dir), args.steps)
+      profile = trace_summary.summarize(trace_summary.load_events(args.profile_dir), args.steps,
+                                        sources=hlo_sources.parse(hlo_text))
   if per_call > 1:  # the metrics of the last call's steps: keep its last
     metrics = jax.tree.map(lambda x: x[-1], metrics)
   loss, nonfinite = float(metrics["loss"]), bool(metrics["nonfinite"])

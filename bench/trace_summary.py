@@ -24,6 +24,8 @@ import os
 import re
 import sys
 
+import hlo_sources
+
 # First match wins; checked against the op name and its HLO details, lower-cased.
 KINDS = (
     ("collective", (r"all-to-all|all_to_all|alltoall|all-reduce|allreduce|all-gather|allgather|"
@@ -75,10 +77,12 @@ def device_ops(events: list[dict]) -> tuple[list[dict], str]:
   if devices:
     return [e for e in complete if e["pid"] in devices], "device"
   # On the host, XLA's own threads run the ops; events named like C++ methods
-  # ("ThunkExecutor::Execute") are the runtime waiting on them, not ops.
+  # ("ThunkExecutor::Execute") are the runtime waiting on them, and "end: <op>" marks the
+  # executor's bookkeeping after an op, not the op.
   executor = {key for key, name in threads.items() if name.startswith("tf_XLA")}
   return [e for e in complete
-          if (e["pid"], e.get("tid")) in executor and "::" not in e["name"]], "host executor"
+          if (e["pid"], e.get("tid")) in executor and "::" not in e["name"]
+          and not e["name"].startswith("end: ")], "host executor"
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -90,14 +94,18 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
   return total
 
 
-def summarize(events: list[dict], steps: int = 1, top: int = 15) -> dict:
-  """Per-step device time by op and by kind (microseconds), busy and idle time per device."""
+def summarize(events: list[dict], steps: int = 1, top: int = 15, sources=None) -> dict:
+  """Per-step device time by op and by kind (microseconds), busy and idle time per device.
+
+  With ``sources`` (``hlo_sources.HloSources`` of the traced module) also by the line of source
+  and pass (forward, backward, neither) each op came from."""
   if steps < 1:
     raise ValueError(f"steps must be positive, got {steps}")
   ops, source = device_ops(events)
   if not ops:
     raise ValueError("the trace holds no op events of a device or of the XLA executor")
-  by_name, by_kind = collections.Counter(), collections.Counter()
+  by_name, by_kind, by_source = (collections.Counter() for _ in range(3))
+  unmatched = 0.0
   per_device = collections.defaultdict(list)
   for e in ops:
     args = e.get("args", {})
@@ -105,10 +113,16 @@ def summarize(events: list[dict], steps: int = 1, top: int = 15) -> dict:
     by_name[e["name"]] += e["dur"]
     by_kind[kind_of(e["name"], details)] += e["dur"]
     per_device[e["pid"]].append((e["ts"], e["ts"] + e["dur"]))
+    if sources is not None:
+      # Kernels are shared between fusions of one shape; the HLO instruction is not.
+      instruction = str(args.get("hlo_op") or e["name"])
+      if instruction not in sources.instructions:
+        unmatched += e["dur"]
+      by_source[(sources.phase(instruction), sources.source(instruction))] += e["dur"]
   total = sum(by_name.values())
   busy = [_union_length(v) for v in per_device.values()]
   span = [max(b for _, b in v) - min(a for a, _ in v) for v in per_device.values()]
-  return {
+  summary = {
       "source": source,
       "devices": len(per_device),
       "op_time_us_per_step": total / steps,
@@ -120,6 +134,12 @@ def summarize(events: list[dict], steps: int = 1, top: int = 15) -> dict:
       "top_ops": [{"name": k, "us_per_step": v / steps, "share": v / total}
                   for k, v in by_name.most_common(top)],
   }
+  if sources is not None:
+    summary["top_sources"] = [
+        {"phase": phase, "source": source, "us_per_step": v / steps, "share": v / total}
+        for (phase, source), v in by_source.most_common(top)]
+    summary["unmatched_share"] = unmatched / total
+  return summary
 
 
 def format_summary(summary: dict) -> str:
@@ -132,6 +152,11 @@ def format_summary(summary: dict) -> str:
   lines += ["", "| op | us/step | share |", "|---|---|---|"]
   lines += [f"| {r['name'][:80]} | {r['us_per_step']:.0f} | {r['share']:.1%} |"
             for r in summary["top_ops"]]
+  if "top_sources" in summary:
+    lines += ["", f"| pass | source line | us/step | share |  (ops not found in the HLO: "
+                  f"{summary['unmatched_share']:.1%} of the time)", "|---|---|---|---|"]
+    lines += [f"| {r['phase']} | {r['source'][:90]} | {r['us_per_step']:.0f} | {r['share']:.1%} |"
+              for r in summary["top_sources"]]
   return "\n".join(lines)
 
 
@@ -140,8 +165,12 @@ def main(argv=None) -> dict:
   parser.add_argument("trace", help="a profile directory or a perfetto_trace.json.gz")
   parser.add_argument("--steps", type=int, default=1, help="steps in the traced window")
   parser.add_argument("--top", type=int, default=15, help="ops to list")
+  parser.add_argument("--hlo", default=None,
+                      help="the traced module's optimized HLO (bench/step.py --hlo_out): adds "
+                           "time by source line and pass")
   args = parser.parse_args(argv)
-  summary = summarize(load_events(args.trace), args.steps, args.top)
+  sources = hlo_sources.load(args.hlo) if args.hlo else None
+  summary = summarize(load_events(args.trace), args.steps, args.top, sources)
   print(format_summary(summary))
   return summary
 

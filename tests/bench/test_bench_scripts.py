@@ -26,6 +26,7 @@ def test_step_benchmark_writes_a_record_and_a_profile(tmp_path):
   assert record["images_per_s"] > 0 and record["compile_s"] > 0
   assert not record["final_step_nonfinite"]
   assert record["profile"]["op_time_us_per_step"] > 0
+  assert any(r["source"].startswith("ecdit_jax/model/") for r in record["profile"]["top_sources"])
   with gzip.open(tmp_path / "step.hlo.gz", "rt") as f:
     assert "ENTRY" in f.read()  # the compiled module's text
 

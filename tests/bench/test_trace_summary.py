@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+import hlo_sources
 import trace_summary
 
 
@@ -87,3 +88,52 @@ def test_a_real_cpu_trace_yields_host_ops(tmp_path):
   assert summary["op_time_us_per_step"] > 0
   assert 0 <= summary["idle_fraction"] < 1
   assert sum(r["share"] for r in summary["by_kind"]) == pytest.approx(1.0)
+
+
+def _scaled_matmul(x, w):
+  return jnp.tanh(x @ w)  # the line the matmul's time should be charged to
+
+
+def test_time_is_charged_to_source_lines_and_passes_through_the_compiled_hlo(tmp_path):
+  loss = lambda w, x: (_scaled_matmul(x, w) ** 2).sum()
+  step = jax.jit(lambda w, x: w - 0.1 * jax.grad(loss)(w, x))
+  w, x = jnp.ones((512, 512)) / 512, jnp.ones((512, 512))
+  compiled = step.lower(w, x).compile()
+  sources = hlo_sources.parse(compiled.as_text())
+  compiled(w, x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    for _ in range(3):
+      w = compiled(w, x)
+    w.block_until_ready()
+  summary = trace_summary.summarize(trace_summary.load_events(str(tmp_path)), steps=3,
+                                    sources=sources)
+  assert summary["unmatched_share"] < 0.5
+  line = _scaled_matmul.__code__.co_firstlineno + 1
+  charged = {(r["phase"], r["source"].split(" ")[0]): r["share"] for r in summary["top_sources"]}
+  mine = {phase: share for (phase, source), share in charged.items()
+          if source.endswith(f"test_trace_summary.py:{line}")}
+  # Forward x @ w and its backward (the gradient matmul) are both found, and between them
+  # they are most of the step's time.
+  assert set(mine) >= {"fwd", "bwd"}, charged
+  assert sum(mine.values()) > 0.5, charged
+  assert "| bwd |" in trace_summary.format_summary(summary)
+
+
+def test_stack_frames_of_an_hlo_module_are_read_innermost_first():
+  text = "\n".join([
+      "HloModule m", "", "FileNames", '1 "/src/ecdit_jax/model/moe.py"', '2 "/lib/flax/linear.py"',
+      "", "FunctionNames", '1 "route"', '2 "Linear.__call__"', "", "FileLocations",
+      "1 {file_name_id=1 function_name_id=1 line=90 end_line=90 column=1 end_column=2}",
+      "2 {file_name_id=2 function_name_id=2 line=422 end_line=422 column=1 end_column=2}", "",
+      "StackFrames", "1 {file_location_id=1 parent_frame_id=1}",
+      "2 {file_location_id=2 parent_frame_id=2}", "",
+      "ENTRY %main {",
+      '  %dot.1 = f32[2]{0} dot(%a, %b), metadata={op_name="jit(f)/transpose(jvp())/dot_general" '
+      'stack_frame_id=2}',
+      '  ROOT %add.2 = f32[2]{0} add(%dot.1, %dot.1), metadata={op_name="jit(f)/add"}', "}"])
+  sources = hlo_sources.parse(text)
+  assert sources.stack(2) == [("/lib/flax/linear.py", 422, "Linear.__call__"),
+                              ("/src/ecdit_jax/model/moe.py", 90, "route")]
+  assert sources.source("dot.1") == "ecdit_jax/model/moe.py:90 route"  # the project's frame
+  assert sources.phase("dot.1") == "bwd" and sources.phase("add.2") == "-"
+  assert sources.source("add.2") == "(no source)"

@@ -47,3 +47,33 @@ def test_accumulated_step_equals_mean_of_microbatch_gradients():
                            jax.tree.leaves(new_state.params)):
     np.testing.assert_allclose(ema, decay * old + (1 - decay) * new, rtol=1e-5, atol=1e-7)
   assert int(new_state.step) == 1
+
+
+def test_nonfinite_step_leaves_the_state_bit_for_bit_and_a_finite_one_moves_it():
+  config = tiny_train_config("", ema_decay=0.9)
+  model_config = ModelConfig.from_mapping(config.model)
+  optimizer = make_optimizer(config)
+  graphdef, state = create_train_state(model_config, optimizer, seed=0)
+  null = np.zeros(model_config.text_max_len, np.int32)
+  null[0] = 1
+  rng = np.random.default_rng(1)
+  batch = {"image": rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
+           "tokens": rng.integers(3, 40, (4, model_config.text_max_len)).astype(np.int32)}
+  step = jax.jit(make_train_step(graphdef, model_config, config, optimizer, null, masked=False))
+  # Move off the initial state first, so the EMA and optimizer moments differ from the params.
+  state, _ = step(state, batch)
+  poisoned = dict(batch, image=batch["image"].copy())
+  poisoned["image"][0, 0, 0, 0] = np.nan
+  skipped, metrics = step(state, poisoned)
+  assert bool(metrics["nonfinite"])
+  assert int(skipped.step) == int(state.step) + 1
+  for part in ("params", "ema_params", "opt_state"):
+    for got, want in zip(jax.tree.leaves(getattr(skipped, part)),
+                         jax.tree.leaves(getattr(state, part))):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=part)
+  moved, metrics = step(state, batch)
+  assert not bool(metrics["nonfinite"])
+  for part in ("params", "ema_params"):
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(getattr(moved, part)),
+                                                         jax.tree.leaves(getattr(state, part)))]
+    assert any(changed), part  # adaLN-zero: early on only some leaves get gradients
