@@ -94,6 +94,22 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
   return total
 
 
+def _instruction_of(event: dict, sources) -> str | None:
+  """The HLO instruction an op event ran, if the module names it.
+
+  Outside CUDA graphs the event's ``hlo_op`` is the instruction. Inside one, ``hlo_op`` names
+  the command buffer, and the kernel's own name is the fusion's with "." made "_"
+  ("loop_add_fusion_159" for %loop_add_fusion.159). XLA reuses one kernel for fusions of the
+  same body, which then all count under the first of them: the same code, as a rule, in
+  another layer. Library kernels (cuBLAS's nvjet_*, cuDNN's) have names of their own."""
+  name = event["name"]
+  for candidate in (str(event.get("args", {}).get("hlo_op", "")), name,
+                    re.sub(r"_(\d+)$", r".\1", name)):
+    if candidate in sources.instructions:
+      return candidate
+  return None
+
+
 def summarize(events: list[dict], steps: int = 1, top: int = 15, sources=None) -> dict:
   """Per-step device time by op and by kind (microseconds), busy and idle time per device.
 
@@ -114,11 +130,13 @@ def summarize(events: list[dict], steps: int = 1, top: int = 15, sources=None) -
     by_kind[kind_of(e["name"], details)] += e["dur"]
     per_device[e["pid"]].append((e["ts"], e["ts"] + e["dur"]))
     if sources is not None:
-      # Kernels are shared between fusions of one shape; the HLO instruction is not.
-      instruction = str(args.get("hlo_op") or e["name"])
-      if instruction not in sources.instructions:
+      instruction = _instruction_of(e, sources)
+      if instruction is None:
         unmatched += e["dur"]
-      by_source[(sources.phase(instruction), sources.source(instruction))] += e["dur"]
+        key = ("?", f"(kernel named nowhere in the HLO: {kind_of(e['name'], details)})")
+      else:
+        key = (sources.phase(instruction), sources.source(instruction))
+      by_source[key] += e["dur"]
   total = sum(by_name.values())
   busy = [_union_length(v) for v in per_device.values()]
   span = [max(b for _, b in v) - min(a for a, _ in v) for v in per_device.values()]

@@ -137,3 +137,22 @@ def test_stack_frames_of_an_hlo_module_are_read_innermost_first():
   assert sources.source("dot.1") == "ecdit_jax/model/moe.py:90 route"  # the project's frame
   assert sources.phase("dot.1") == "bwd" and sources.phase("add.2") == "-"
   assert sources.source("add.2") == "(no source)"
+
+
+def test_kernels_inside_cuda_graphs_are_found_by_their_fusion_names():
+  text = "\n".join([
+      "HloModule m", "", "FileNames", '1 "/src/ecdit_jax/model/moe.py"', "", "FunctionNames",
+      '1 "route"', "", "FileLocations",
+      "1 {file_name_id=1 function_name_id=1 line=90 end_line=90 column=1 end_column=2}", "",
+      "StackFrames", "1 {file_location_id=1 parent_frame_id=1}", "",
+      "ENTRY %main {",
+      '  %loop_add_fusion.159 = f32[2]{0} fusion(%a), kind=kLoop, calls=%f, '
+      'metadata={op_name="jit(f)/jvp()/add" stack_frame_id=1}', "}"])
+  events = _meta(1, 10, "/device:GPU:0", "Stream #13") + [
+      _op(1, 10, "loop_add_fusion_159", 0, 30, hlo_op="command_buffer_1"),
+      _op(1, 10, "nvjet_sm90_tst_144x128", 30, 10, hlo_op="command_buffer_1")]
+  summary = trace_summary.summarize(events, sources=hlo_sources.parse(text))
+  rows = {(r["phase"], r["source"]): r["us_per_step"] for r in summary["top_sources"]}
+  assert rows == {("fwd", "ecdit_jax/model/moe.py:90 route"): 30,
+                  ("?", "(kernel named nowhere in the HLO: matmul)"): 10}
+  assert summary["unmatched_share"] == pytest.approx(0.25)
