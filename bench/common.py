@@ -75,8 +75,9 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_batch: int) -> 
                       help="override config.model.attention_impl")
   parser.add_argument("--remat", choices=("none", "block", "dots"), default=None,
                       help="override config.model.remat (recompute blocks in the backward)")
-  parser.add_argument("--moe_dispatch", choices=("gather", "einsum"), default=None,
-                      help="override config.model.moe_dispatch (token gather vs one-hot einsum)")
+  parser.add_argument("--moe_dispatch", choices=("gather", "einsum", "hybrid"), default=None,
+                      help="override config.model.moe_dispatch (token gather, one-hot einsum, "
+                           "or gather with one-hot gradients)")
   parser.add_argument("--windows", type=int, default=5, help="timed windows")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compile")
   parser.add_argument("--matmul_size", type=int, default=8192,
@@ -152,8 +153,8 @@ def config_name(args: argparse.Namespace, model_config) -> str:
     name = "dense-XL"
   else:
     name = f"{args.model.upper()}-XL-{model_config.num_experts}E"
-  if getattr(args, "moe_dispatch", None) == "einsum":
-    name += "-einsum"
+  if getattr(args, "moe_dispatch", None) in ("einsum", "hybrid"):
+    name += f"-{args.moe_dispatch}"
   return f"{name}(smoke)" if args.smoke else name
 
 

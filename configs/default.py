@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
       token_choice_top_k=2,
       token_choice_capacity_factor=1.25,
       load_balance_loss_weight=0.01,
-      moe_dispatch="gather",  # or "einsum": one-hot matmuls instead of gather + scatter-add
+      moe_dispatch="gather",  # or "einsum" / "hybrid": one-hot matmuls in place of scatter-add
       text_encoder="scratch",  # or "t5" / "clip": frozen pretrained, weights in config.pretrained
       text_vocab_size=128,  # the tokenizer trained on the captions has fewer pieces
       text_max_len=16,
@@ -102,6 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.warmup_steps = 500
   config.lr_decay = "none"  # or "cosine" / "linear" to 0 at num_train_steps (fixed budgets)
   config.momentum = 0.9  # RMSProp with momentum, as in the paper
+  config.momentum_dtype = "float32"  # or "bfloat16": less memory traffic a step; fixed for a run
   config.rmsprop_decay = 0.999
   config.rmsprop_eps = 1e-8
   config.grad_clip_norm = 1.0

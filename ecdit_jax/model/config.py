@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 ROUTERS = ("expert_choice", "token_choice")
 MOE_LAYOUTS = ("every_other", "every", "none")
-MOE_DISPATCH = ("gather", "einsum")
+MOE_DISPATCH = ("gather", "einsum", "hybrid")
 REMAT_POLICIES = ("none", "block", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # "scratch": the small transformer of model/text.py, trained with the DiT. "t5" / "clip": a
@@ -58,8 +58,9 @@ class ModelConfig:
   token_choice_capacity_factor: float = 1.25  # buffer slack for token-choice dispatch
   load_balance_loss_weight: float = 0.01  # token-choice only; expert-choice needs none
   # How expert choice moves tokens to experts and back: "gather" (index gather, scatter-add
-  # combine) or "einsum" (one-hot matmuls: no scatter-add atomics on GPU; more FLOPs, see
-  # moe.dispatch).
+  # combine), "einsum" (one-hot matmuls: no scatter-add atomics on GPU; more FLOPs, see
+  # moe.dispatch) or "hybrid" (gather forward, one-hot matmul gradient, and the reverse for
+  # combine: model/hybrid_dispatch.py).
   moe_dispatch: str = "gather"
 
   # Text conditioning: a small transformer trained from scratch by default, or a frozen

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ecdit_jax.model import hybrid_dispatch
 from ecdit_jax.model.config import ModelConfig, expert_capacity
 from ecdit_jax.parallel import axes
 from ecdit_jax.parallel.mesh import current_mesh
@@ -114,10 +115,13 @@ def dispatch(groups: jax.Array, token_index: jax.Array, method: str, dtype) -> j
   whose atomic additions on GPU round differently from run to run). Dispatch and combine then
   cost 2 x E x C x N x d multiply-adds per group of N tokens, N / 4d of the expert FFNs' (of
   width 4d): 5.6% for XL at 256 tokens a group (one image), growing with the group's size.
+  "hybrid" gathers, with the one-hot matmul as its gradient (``hybrid_dispatch``).
   """
   if method == "einsum":
     onehot = jax.nn.one_hot(token_index, groups.shape[1], dtype=dtype)
     return jnp.einsum("gecn,gnd->gecd", onehot, groups.astype(dtype))
+  if method == "hybrid":
+    return hybrid_dispatch.dispatch(groups.astype(dtype), token_index)
   return gather_tokens(groups, token_index).astype(dtype)
 
 
@@ -199,8 +203,11 @@ def combine(expert_out: jax.Array, gates: jax.Array, token_index: jax.Array,
   """Gate-weighted expert outputs (G, E, C, d) summed back onto their tokens: (G, N, d) f32.
 
   "gather" scatter-adds in float32; "einsum" multiplies by the gate-weighted one-hot mask in
-  the outputs' dtype, accumulating in float32 (see ``dispatch``).
+  the outputs' dtype, accumulating in float32 (see ``dispatch``); "hybrid" does the same with
+  gathers for its gradients (``hybrid_dispatch``).
   """
+  if method == "hybrid":
+    return hybrid_dispatch.combine(expert_out, gates, token_index, num_tokens)
   if method == "einsum":
     dtype = expert_out.dtype
     weights = jax.nn.one_hot(token_index, num_tokens, dtype=jnp.float32) * gates[..., None]

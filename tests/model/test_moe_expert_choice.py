@@ -48,7 +48,7 @@ def randomize_biases(layer, seed=1):
   layer.experts.b_out[...] = 0.1 * jax.random.normal(k2, layer.experts.b_out[...].shape)
 
 
-@pytest.mark.parametrize("method", ["gather", "einsum"])
+@pytest.mark.parametrize("method", ["gather", "einsum", "hybrid"])
 @pytest.mark.parametrize("group,factor", [(1, 2.0), (2, 2.0), (1, 1.0), (4, 0.5)])
 def test_forward_matches_reference(group, factor, method):
   layer, config = make_layer(routing_group_size=group, capacity_factor=factor,
@@ -60,7 +60,7 @@ def test_forward_matches_reference(group, factor, method):
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["gather", "einsum"])
+@pytest.mark.parametrize("method", ["gather", "einsum", "hybrid"])
 def test_gradients_match_reference(method):
   layer, config = make_layer(routing_group_size=2, moe_dispatch=method)
   randomize_biases(layer)
@@ -200,12 +200,13 @@ def test_dispatch_methods_agree_in_bf16():
   """The one-hot einsums move the same bf16 values as the gather; combining rounds the gates
   to bf16 (the gather path weights in float32), so outputs agree to bf16 precision."""
   outputs = {}
-  for method in ("gather", "einsum"):
+  for method in ("gather", "einsum", "hybrid"):
     layer, config = make_layer(dtype="bfloat16", moe_dispatch=method)
     randomize_biases(layer)
     x = jax.random.normal(jax.random.key(6), (2, 16, config.hidden_size))
     outputs[method] = np.asarray(layer(x, train=True)[0], np.float32)
   np.testing.assert_allclose(outputs["einsum"], outputs["gather"], rtol=2e-2, atol=2e-2)
+  np.testing.assert_array_equal(outputs["hybrid"], outputs["einsum"])  # the same forward matmul
 
 
 def test_unknown_dispatch_method_names_the_key():

@@ -107,7 +107,7 @@ def test_sharded_training_equals_single_device(sizes, reference):
   assert any(leaf.shape == w_in.shape and leaf.sharding.spec == spec for leaf in nu)
 
 
-@pytest.mark.parametrize("method", ["gather", "einsum"])
+@pytest.mark.parametrize("method", ["gather", "einsum", "hybrid"])
 def test_expert_parallel_layer_pads_groups_that_do_not_divide(method):
   """6 images in groups of 2 = 3 groups over 4 batch shards: dummy groups are added and
   dropped, and the result is still the single-device one, with either dispatch method."""
