@@ -213,3 +213,24 @@ def test_unknown_dispatch_method_names_the_key():
   from ecdit_jax.model import ConfigError
   with pytest.raises(ConfigError, match=r"config\.model\.moe_dispatch='scatter'"):
     tiny_config(moe_dispatch="scatter")
+
+
+def test_hybrid_dispatch_and_combine_have_the_einsum_gradients():
+  """The custom gradients of ``hybrid`` (one-hot matmul back through the gather, gathers back
+  through the combine) equal autodiff through the one-hot einsums, for tokens, expert outputs
+  and gates, in float32."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(7), 4)
+  groups = jax.random.normal(k1, (3, 12, 8))
+  gates, token_index = moe.expert_choice_route(jax.random.normal(k2, (3, 12, 4)), 5)
+  head = jax.random.normal(k3, (4, 8, 8))  # a per-expert map between dispatch and combine
+  cotangent = jax.random.normal(k4, (3, 12, 8))
+
+  def through(method, groups, gates):
+    out = moe.dispatch(groups, token_index, method, jnp.float32)
+    out = jnp.einsum("gecd,edf->gecf", out, head)
+    return jnp.sum(moe.combine(out, gates, token_index, 12, method) * cotangent)
+
+  want = jax.grad(lambda *a: through("einsum", *a), argnums=(0, 1))(groups, gates)
+  got = jax.jit(jax.grad(lambda *a: through("hybrid", *a), argnums=(0, 1)))(groups, gates)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
