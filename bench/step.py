@@ -8,6 +8,7 @@ r"""Training-step throughput of the real sharded train step, on synthetic batche
   python bench/step.py --model=ec --hlo_out=bench/out/ec.hlo.gz       # + the optimized HLO
   python bench/step.py --config=configs/shapes_gpu.py --batch_size=512 # a config file's model
   python bench/step.py --config=configs/shapes_gpu.py --steps_per_call=8  # 8 steps a dispatch
+  python bench/step.py --model=ec --moe_dispatch=hybrid --momentum_dtype=bfloat16
 
 The step is exactly what training runs: ``sharding.init_train_state`` lays the state out on the
 mesh, ``step.make_train_step`` (noise, caption dropout, loss, gradients, RMSProp-momentum, EMA)
@@ -64,6 +65,8 @@ def parse_args(argv):
   parser.add_argument("--steps_per_call", type=int, default=1,
                       help="train steps a jitted call (a scan over stacked batches); must "
                            "divide --steps")
+  parser.add_argument("--momentum_dtype", default=None, choices=("float32", "bfloat16"),
+                      help="override config.momentum_dtype (the optimizer's momentum trace)")
   parser.add_argument("--profile_dir", default=None,
                       help="trace one more window into this directory and summarise it")
   parser.add_argument("--hlo_out", default=None,
@@ -109,6 +112,8 @@ def main(argv=None) -> dict:
   config.grad_accum_steps = args.grad_accum_steps
   if args.mask_ratio is not None:
     config.diffusion.mask_ratio = args.mask_ratio
+  if args.momentum_dtype is not None:
+    config.momentum_dtype = args.momentum_dtype
   model_config = ModelConfig.from_mapping(config.model)
   devices = jax.devices()[:args.num_devices] if args.num_devices else jax.devices()
   mesh = mesh_lib.create_mesh(common.parse_mesh(args.mesh), devices)
@@ -168,13 +173,15 @@ def main(argv=None) -> dict:
   params = count_params(model_config)
   record = {
       "benchmark": "train_step",
-      "name": common.config_name(args, model_config),
+      "name": common.config_name(args, model_config) + (
+          "-bf16momentum" if config.get("momentum_dtype") == "bfloat16" else ""),
       "model": config.model.to_dict(),
       "param_count": {"total": params.total, "backbone": params.backbone,
                       "experts": params.experts,
                       "activated_per_token": params.activated_per_token},
       "batch_size": config.batch_size,
       "grad_accum_steps": config.grad_accum_steps,
+      "momentum_dtype": config.get("momentum_dtype", "float32"),
       "mask_ratio": mask_ratio,
       "tokens_per_image": tokens or model_config.num_tokens,
       "mesh": dict(mesh.shape),

@@ -25,7 +25,7 @@ from ecdit_jax.train import sharding
 from ecdit_jax.train import geneval, input_pipeline, pretrained, text_conditioning
 from ecdit_jax.train.checkpoint import Checkpointer, check_same_model
 from ecdit_jax.train.metrics import MetricWriter, Progress, log_line, name_moe_layers
-from ecdit_jax.train.optimizer import LR_DECAYS, make_optimizer
+from ecdit_jax.train.optimizer import LR_DECAYS, MOMENTUM_DTYPES, make_optimizer
 from ecdit_jax.train.profiling import ProfileWindow
 from ecdit_jax.train.sampling import make_sampler, sample_grid, to_uint8
 from ecdit_jax.train.state import TrainState, abstract_train_state
@@ -59,6 +59,9 @@ def validate_config(config: ml_collections.ConfigDict):
   check(config.warmup_steps >= 0, f"config.warmup_steps={config.warmup_steps} must be >= 0")
   check(config.get("lr_decay", "none") in LR_DECAYS,
         f"config.lr_decay={config.get('lr_decay')!r} must be one of {LR_DECAYS}")
+  check(config.get("momentum_dtype", "float32") in MOMENTUM_DTYPES,
+        f"config.momentum_dtype={config.get('momentum_dtype')!r} must be one of "
+        f"{MOMENTUM_DTYPES}")
   check(0 <= config.ema_decay < 1, f"config.ema_decay={config.ema_decay} must be in [0, 1)")
   check(config.nonfinite_loss in ("stop", "skip"),
         f"config.nonfinite_loss={config.nonfinite_loss!r} must be 'stop' or 'skip'")

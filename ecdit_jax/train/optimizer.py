@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 
 LR_DECAYS = ("none", "cosine", "linear")
+MOMENTUM_DTYPES = ("float32", "bfloat16")
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -42,5 +44,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     parts.append(optax.add_decayed_weights(config.weight_decay))
   parts.append(optax.scale_by_learning_rate(learning_rate_schedule(config)))
   if config.momentum:
-    parts.append(optax.trace(decay=config.momentum))
+    # A bfloat16 trace halves the momentum's share of the update's memory traffic, which is
+    # per parameter and so weighs most on MoE models at small batches (bench/NOTES.md).
+    dtype = config.get("momentum_dtype", "float32")
+    if dtype not in MOMENTUM_DTYPES:
+      raise ValueError(f"config.momentum_dtype={dtype!r} must be one of {MOMENTUM_DTYPES}")
+    parts.append(optax.trace(decay=config.momentum, accumulator_dtype=jnp.dtype(dtype)))
   return optax.chain(*parts)
