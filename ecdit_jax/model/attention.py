@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ecdit_jax.parallel import axes
+from ecdit_jax.parallel import mesh as mesh_lib
 
 
 def resolve_attention_impl(requested: str, dtype) -> str | None:
@@ -109,6 +110,11 @@ class Attention(nnx.Module):
     q, k, v = self.query(x), self.key(context), self.value(context)
     if self.query_norm is not None:
       q, k = self.query_norm(q), self.key_norm(k)
+    # Batch over the data-like axes, heads over tensor: with parameters split over fsdp, the
+    # propagated layouts of q, k and v can differ, which cuDNN's attention refuses.
+    q = mesh_lib.constrain(q, (mesh_lib.BATCH, None, axes.HEADS, axes.HEAD_DIM))
+    k = mesh_lib.constrain(k, (mesh_lib.BATCH, None, axes.KV_HEADS, axes.HEAD_DIM))
+    v = mesh_lib.constrain(v, (mesh_lib.BATCH, None, axes.KV_HEADS, axes.HEAD_DIM))
     lengths = None if context_lengths is None else context_lengths.astype(jnp.int32)
     out = jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=lengths, implementation=self.implementation)

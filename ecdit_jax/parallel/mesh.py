@@ -151,6 +151,19 @@ def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
   return PartitionSpec(*spec)
 
 
+def constrain(x: jax.Array, names: Sequence[str | None], rules=RULES) -> jax.Array:
+  """Pins an activation's sharding by the logical names of its dimensions, under the mesh of
+  the running trace (``jax.set_mesh``); outside one it returns ``x`` as it is.
+
+  Sharding propagation is free to pick different layouts for tensors that a kernel needs laid
+  out alike (cuDNN attention requires query, key and value to share one), so such inputs are
+  pinned here."""
+  mesh = current_mesh()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_mesh(names, x.shape, mesh, rules))
+
+
 def tree_shardings(values: Any, logical_specs: Any, mesh: Mesh, rules=RULES) -> Any:
   """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) given their logical names.
 

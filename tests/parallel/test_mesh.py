@@ -66,3 +66,38 @@ def test_sharded_forward_equals_unsharded(sizes):
     w_in = sharded_params["dit"]["blocks"][1]["ffn"]["experts"]["w_in"]
     w_in = jax.tree.leaves(w_in)[0]
     assert w_in.addressable_shards[0].data.size < w_in.size
+
+
+def test_constrain_pins_activations_under_a_mesh_and_is_a_no_op_outside():
+  x = jnp.arange(8 * 5 * 4 * 6, dtype=jnp.float32).reshape(8, 5, 4, 6)
+  names = (mesh_lib.BATCH, None, "heads", "kv")
+  assert mesh_lib.constrain(x, names) is x  # no mesh: nothing to pin to
+  mesh = mesh_lib.create_mesh({"fsdp": 4, "tensor": 2})
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda a: mesh_lib.constrain(a * 2, names))(x)
+  assert out.sharding.is_equivalent_to(
+      jax.sharding.NamedSharding(mesh, P("fsdp", None, "tensor", None)), x.ndim)
+  np.testing.assert_array_equal(out, 2 * x)
+
+
+def test_attention_under_a_mesh_with_split_parameters_equals_unsharded():
+  from ecdit_jax.model.attention import Attention  # pylint: disable=import-outside-toplevel
+  layer = Attention(32, 4, 2, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32,
+                    qk_norm=True, context_size=16)
+  graphdef, params = nnx.split(layer, nnx.Param)
+  params = perturbed(params)
+  x = jax.random.normal(jax.random.key(1), (8, 6, 32))
+  context = jax.random.normal(jax.random.key(2), (8, 3, 16))
+  lengths = jnp.array([3, 2, 1, 3, 3, 2, 1, 3])
+
+  def forward(params, x, context, lengths):
+    return nnx.merge(graphdef, params)(x, context, lengths)
+
+  expected = jax.jit(forward)(params, x, context, lengths)
+  mesh = mesh_lib.create_mesh({"fsdp": 4, "tensor": 2})
+  specs = nnx.get_partition_spec(nnx.state(layer, nnx.Param))
+  sharded = jax.device_put(params, mesh_lib.tree_shardings(params, specs, mesh))
+  inputs = [jax.device_put(a, mesh_lib.batch_sharding(mesh, a.ndim)) for a in (x, context, lengths)]
+  with jax.set_mesh(mesh):
+    got = jax.jit(forward)(sharded, *inputs)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
