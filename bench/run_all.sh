@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The benchmark suite in one command: training-step throughput of EC-XL-8E (tokens dispatched
-# by gather and by one-hot einsums) and of the dense XL model on one device, sampling EC-XL-8E
-# (both dispatch methods) against its FLOP-matched dense model on one device, and, where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split
-# over an expert axis, then parameters over an fsdp axis). Run from anywhere:
+# by gather, by one-hot einsums, and by the hybrid of the two) and of the dense XL model on one
+# device, the hybrid EC and dense steps again with the momentum trace in bfloat16, sampling
+# EC-XL-8E (each dispatch method) against its FLOP-matched dense model on one device, and,
+# where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split over
+# an expert axis, then parameters over an fsdp axis). Run from anywhere:
 #
 #   bash bench/run_all.sh [OUT_DIR]   # default bench/out; a relative OUT_DIR is from the repo root
 #   EXTRA_ARGS=--smoke bash bench/run_all.sh bench/out_smoke   # tiny models, e.g. on a CPU
@@ -51,10 +53,14 @@ echo "== $DEVICES device(s) visible"
 ONE=(--num_devices=1 --mesh=data=1)
 # profile NAME: the --profile_dir flag for NAME when PROFILE is set, else nothing.
 profile() { [ -n "${PROFILE:-}" ] && echo "--profile_dir=$OUT/profile_$1"; }
-for name in step_ec_xl_8e step_ec_xl_8e_einsum step_dense_xl; do
+for name in step_ec_xl_8e step_ec_xl_8e_einsum step_ec_xl_8e_hybrid step_dense_xl \
+    step_ec_xl_8e_hybrid_bf16m step_dense_xl_bf16m; do
   case "$name" in
     step_ec_xl_8e) flags=(--model=ec) ;;
     step_ec_xl_8e_einsum) flags=(--model=ec --moe_dispatch=einsum) ;;
+    step_ec_xl_8e_hybrid) flags=(--model=ec --moe_dispatch=hybrid) ;;
+    step_ec_xl_8e_hybrid_bf16m) flags=(--model=ec --moe_dispatch=hybrid --momentum_dtype=bfloat16) ;;
+    step_dense_xl_bf16m) flags=(--model=dense --momentum_dtype=bfloat16) ;;
     *) flags=(--model=dense) ;;
   esac
   # shellcheck disable=SC2046  # profile prints one flag or nothing
@@ -63,10 +69,12 @@ done
 # shellcheck disable=SC2046
 run sample_ec_xl_8e_vs_dense bench/sample.py --model=ec --batch_size="$SAMPLE_BATCH" \
   --num_steps="$SAMPLE_STEPS" $(profile sample_ec_xl_8e_vs_dense)
-# shellcheck disable=SC2046
-run sample_ec_xl_8e_einsum_vs_dense bench/sample.py --model=ec --moe_dispatch=einsum \
-  --batch_size="$SAMPLE_BATCH" --num_steps="$SAMPLE_STEPS" \
-  $(profile sample_ec_xl_8e_einsum_vs_dense)
+for dispatch in einsum hybrid; do
+  name="sample_ec_xl_8e_${dispatch}_vs_dense"
+  # shellcheck disable=SC2046
+  run "$name" bench/sample.py --model=ec --moe_dispatch="$dispatch" \
+    --batch_size="$SAMPLE_BATCH" --num_steps="$SAMPLE_STEPS" $(profile "$name")
+done
 
 if ((DEVICES >= 2)); then
   for mesh in $MESHES_2; do

@@ -67,8 +67,8 @@ def _combine_backward(residuals, cotangent):
   grad_out = (picked * gates[..., None]).astype(expert_out.dtype)
   grad_gates = jnp.sum(picked * expert_out.astype(jnp.float32), axis=-1)
   # The gates came out of top_k, whose gradient scatters these (G, E, C) values into (G, E, N).
-  # Left to itself XLA fuses this reduction over d into that scatter, where it runs one thread
-  # per gate: 3 ms of a 230 ms EC-XL-8E step on one H100. The barrier keeps them apart.
+  # Left to itself XLA fuses this reduction over d into that scatter, and the fused kernel took
+  # 3.1 ms of a 229 ms EC-XL-8E step on one H100. The barrier keeps them apart.
   grad_gates = jax.lax.optimization_barrier(grad_gates)
   return grad_out, grad_gates.astype(gates.dtype), None, None
 
