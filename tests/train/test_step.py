@@ -13,16 +13,23 @@ from ecdit_jax.train.step import ema_decay_at, make_loss_fn, make_train_step
 from train_testing import tiny_train_config
 
 
-def test_accumulated_step_equals_mean_of_microbatch_gradients():
-  config = tiny_train_config("", grad_accum_steps=2, ema_decay=0.9)
+def _setup(batch_size, seed, **overrides):
+  """A tiny model's config, optimizer, initial state, null caption and a random batch."""
+  config = tiny_train_config("", ema_decay=0.9, **overrides)
   model_config = ModelConfig.from_mapping(config.model)
   optimizer = make_optimizer(config)
   graphdef, state = create_train_state(model_config, optimizer, seed=0)
   null = np.zeros(model_config.text_max_len, np.int32)
   null[0] = 1
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
-           "tokens": rng.integers(3, 40, (8, model_config.text_max_len)).astype(np.int32)}
+  rng = np.random.default_rng(seed)
+  batch = {"image": rng.uniform(-1, 1, (batch_size, 32, 32, 3)).astype(np.float32),
+           "tokens": rng.integers(3, 40, (batch_size, model_config.text_max_len)).astype(
+               np.int32)}
+  return config, model_config, optimizer, graphdef, state, null, batch
+
+
+def test_accumulated_step_equals_mean_of_microbatch_gradients():
+  config, model_config, optimizer, graphdef, state, null, batch = _setup(8, 0, grad_accum_steps=2)
   new_state, metrics = jax.jit(make_train_step(graphdef, model_config, config, optimizer, null,
                                                masked=False))(state, batch)
 
@@ -50,15 +57,7 @@ def test_accumulated_step_equals_mean_of_microbatch_gradients():
 
 
 def test_nonfinite_step_leaves_the_state_bit_for_bit_and_a_finite_one_moves_it():
-  config = tiny_train_config("", ema_decay=0.9)
-  model_config = ModelConfig.from_mapping(config.model)
-  optimizer = make_optimizer(config)
-  graphdef, state = create_train_state(model_config, optimizer, seed=0)
-  null = np.zeros(model_config.text_max_len, np.int32)
-  null[0] = 1
-  rng = np.random.default_rng(1)
-  batch = {"image": rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
-           "tokens": rng.integers(3, 40, (4, model_config.text_max_len)).astype(np.int32)}
+  config, model_config, optimizer, graphdef, state, null, batch = _setup(4, 1)
   step = jax.jit(make_train_step(graphdef, model_config, config, optimizer, null, masked=False))
   # Move off the initial state first, so the EMA and optimizer moments differ from the params.
   state, _ = step(state, batch)
