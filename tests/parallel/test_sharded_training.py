@@ -110,7 +110,8 @@ def test_sharded_training_equals_single_device(sizes, reference):
 @pytest.mark.parametrize("method", ["gather", "einsum", "hybrid"])
 def test_expert_parallel_layer_pads_groups_that_do_not_divide(method):
   """6 images in groups of 2 = 3 groups over 4 batch shards: dummy groups are added and
-  dropped, and the result is still the single-device one, with either dispatch method."""
+  dropped, and the result and its gradients are still the single-device ones, with each
+  dispatch method."""
   config = _config(**{"model.moe_dispatch": method})
   model_config = ModelConfig.from_mapping(config.model)
   graphdef, state = create_train_state(model_config, make_optimizer(config), 0)
@@ -122,11 +123,19 @@ def test_expert_parallel_layer_pads_groups_that_do_not_divide(method):
   def forward(params, x, t, tokens):
     return nnx.merge(graphdef, params)(x, t, tokens, train=False)[0]
 
-  expected = jax.jit(forward)(params, x, t, tokens)
+  cotangent = jax.random.normal(jax.random.key(5), x.shape)
+  # Gradients too: the dispatch methods differ most in their backward passes.
+  loss = lambda p: jnp.sum(forward(p, x, t, tokens) * cotangent)
+  expected, expected_grads = jax.jit(forward)(params, x, t, tokens), jax.jit(jax.grad(loss))(params)
   mesh = mesh_lib.create_mesh({"data": 2, "expert": 4})
   with jax.set_mesh(mesh):
-    got = jax.jit(forward)(params, x, t, tokens)
+    assert "all_to_all" in str(jax.make_jaxpr(jax.grad(loss))(params))  # experts distributed
+    got, grads = jax.jit(forward)(params, x, t, tokens), jax.jit(jax.grad(loss))(params)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  w_in = lambda g: g["dit"]["blocks"][1]["ffn"]["experts"]["w_in"]
+  assert float(jnp.abs(w_in(expected_grads)).max()) > 0
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
 
 def test_config_errors_name_the_mesh_key():
