@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 
 def _take(groups: jax.Array, token_index: jax.Array) -> jax.Array:
+  # moe.gather_tokens, restated here because moe imports this module.
   return jax.vmap(lambda rows, index: rows[index])(groups, token_index)
 
 
