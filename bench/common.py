@@ -78,6 +78,9 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_batch: int) -> 
   parser.add_argument("--moe_dispatch", choices=("gather", "einsum", "hybrid"), default=None,
                       help="override config.model.moe_dispatch (token gather, one-hot einsum, "
                            "or gather with one-hot gradients)")
+  parser.add_argument("--scan_layers", choices=("true", "false"), default=None,
+                      help="override config.model.scan_layers (stack the blocks, scan over "
+                           "layers)")
   parser.add_argument("--windows", type=int, default=5, help="timed windows")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compile")
   parser.add_argument("--matmul_size", type=int, default=8192,
@@ -125,7 +128,8 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
                "num_experts": args.num_experts, "attention_impl": args.attention_impl,
                "remat": args.remat, "moe_dispatch": args.moe_dispatch,
                "capacity_factor": args.capacity_factor,
-               "eval_capacity_factor": args.capacity_factor}
+               "eval_capacity_factor": args.capacity_factor,
+               "scan_layers": None if args.scan_layers is None else args.scan_layers == "true"}
   config.model.update({k: v for k, v in overrides.items() if v is not None})
   config.batch_size = args.batch_size
   config.seed = args.seed
@@ -155,6 +159,8 @@ def config_name(args: argparse.Namespace, model_config) -> str:
     name = f"{args.model.upper()}-XL-{model_config.num_experts}E"
   if getattr(args, "moe_dispatch", None) in ("einsum", "hybrid"):
     name += f"-{args.moe_dispatch}"
+  if model_config.scan_layers:
+    name += "-scan"
   return f"{name}(smoke)" if args.smoke else name
 
 

@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       attention_impl="auto",
       remat="none",  # or "block" / "dots": recompute blocks in the backward pass to save memory
+      # True: stack the blocks and scan over layers: compiles in a fraction of the time (see
+      # bench/RESULTS.md); on GPU it pays off with remat="block", where it costs about 3%.
+      scan_layers=False,
   ))
 
   # Frozen pretrained networks, as Hugging Face format directories (configs/t2i_256.py uses them):

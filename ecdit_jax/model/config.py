@@ -81,6 +81,12 @@ class ModelConfig:
   # Rematerialisation of each DiT block in the backward pass: "none"; "block" (keep only the
   # block inputs: least memory); "dots" (keep matmul outputs, recompute the elementwise work).
   remat: str = "none"
+  # Scan over layers: the blocks' parameters are stacked along a leading "layers" axis (one
+  # stack per position in the repeating dense/MoE pattern) and the forward pass is one
+  # lax.scan, so XLA compiles one block body instead of num_layers copies and the optimizer
+  # updates a few dozen large arrays instead of hundreds. Same numerics; a different parameter
+  # layout (model/layer_stacking.py converts between the two).
+  scan_layers: bool = False
 
   @classmethod
   def from_mapping(cls, mapping: Mapping[str, Any], prefix: str = "config.model") -> ModelConfig:
@@ -140,6 +146,11 @@ class ModelConfig:
     if self.moe_layout == "every":
       return True
     return layer_index % 2 == 1  # every_other: the second block, the fourth, ...
+
+  @property
+  def layer_period(self) -> int:
+    """Blocks in the repeating dense/MoE pattern: 2 for every_other, 1 otherwise."""
+    return 2 if self.moe_layout == "every_other" else 1
 
   @property
   def moe_layer_indices(self) -> tuple[int, ...]:
@@ -205,6 +216,12 @@ def _validate(c: ModelConfig) -> None:
          f"config.model.router_z_loss_weight={c.router_z_loss_weight} must be >= 0")
   _check(c.load_balance_loss_weight >= 0,
          f"config.model.load_balance_loss_weight={c.load_balance_loss_weight} must be >= 0")
+  _check(isinstance(c.scan_layers, bool),
+         f"config.model.scan_layers={c.scan_layers!r} must be True or False")
+  _check(not c.scan_layers or c.num_layers % c.layer_period == 0,
+         f"config.model.scan_layers=True stacks the blocks in repeats of the "
+         f"config.model.moe_layout={c.moe_layout!r} pattern ({c.layer_period} blocks), which "
+         f"must divide config.model.num_layers={c.num_layers}")
   if c.moe_layout == "none":
     return
   _check(c.moe_layout != "every_other" or c.num_layers >= 2,

@@ -61,7 +61,7 @@ def count_params(config: ModelConfig, model: TextToImageDiT | None = None) -> Pa
   text = 0 if model.text_encoder is None else _size(nnx.state(model.text_encoder, nnx.Param))
   backbone = _size(nnx.state(model.dit, nnx.Param))
   experts = sum(_size(nnx.state(block.ffn.experts, nnx.Param))
-                for block in model.dit.blocks if block.is_moe)
+                for block in model.dit.block_modules() if block.is_moe)
   share = experts_per_token(config) / config.num_experts if experts else 0.0
   return ParamCounts(total=text + backbone, text_encoder=text, backbone=backbone,
                      experts=experts, activated_per_token=backbone - experts + experts * share)

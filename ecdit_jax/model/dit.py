@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ecdit_jax.model import layers
+from ecdit_jax.model import layer_stacking, layers
 from ecdit_jax.model.attention import Attention
 from ecdit_jax.model.config import ModelConfig
 from ecdit_jax.model.moe import ExpertChoiceFFN, TokenChoiceFFN
@@ -89,8 +89,18 @@ class DiT(nnx.Module):
     # The pooled text vector joins the timestep vector in every adaLN modulation.
     self.text_pool = layers.dense(config.text_hidden_size, d, (axes.TEXT_EMBED, axes.EMBED),
                                   **common)
-    self.blocks = nnx.List([DiTBlock(config, i, rngs=rngs) for i in range(config.num_layers)])
+    blocks = [DiTBlock(config, i, rngs=rngs) for i in range(config.num_layers)]
+    if config.scan_layers:
+      period = config.layer_period
+      self.stacked_blocks = nnx.List([layer_stacking.stack_modules(blocks[j::period])
+                                      for j in range(period)])
+    else:
+      self.blocks = nnx.List(blocks)
     self.final = FinalLayer(config, rngs=rngs)
+
+  def block_modules(self) -> list[DiTBlock]:
+    """The block modules: one per layer, or one stacked module per position of the pattern."""
+    return list(self.stacked_blocks if self.config.scan_layers else self.blocks)
 
   def embed(self, x_t: jax.Array) -> jax.Array:
     cfg = self.config
@@ -139,29 +149,37 @@ class DiT(nnx.Module):
       policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
                 else None)
       run_block = nnx.remat(run_block, policy=policy)
-    layer_aux = []
-    for block in self.blocks:
-      x, aux = run_block(block, x, cond, context, context_lengths)
-      if aux is not None:
-        layer_aux.append(aux)
+    if cfg.scan_layers:
+      x, layer_aux = layer_stacking.scan_blocks(
+          self.stacked_blocks, x,
+          lambda block, x: run_block(block, x, cond, context, context_lengths),
+          compute_dtype=cfg.compute_dtype)
+    else:
+      layer_aux = []
+      for block in self.blocks:
+        x, aux = run_block(block, x, cond, context, context_lengths)
+        if aux is not None:
+          layer_aux.append(aux)
+      layer_aux = jax.tree.map(lambda *a: jnp.stack(a), *layer_aux) if layer_aux else None
     out = self.final(x, cond).astype(jnp.float32)
     if keep_index is None:
       out = layers.unpatchify(out, cfg.patch_size, h, w)
-    return out, stack_layer_aux(layer_aux)
+    return out, summarize_layer_aux(layer_aux)
 
 
-def stack_layer_aux(layer_aux: list[dict]) -> dict:
-  """Sums the layers' auxiliary losses and stacks their statistics along a layer axis.
+def summarize_layer_aux(layer_aux: dict | None) -> dict:
+  """The MoE layers' aux dicts, stacked along a leading layer axis -> the model's aux.
 
-  ``token_counts`` (num_moe_layers, B, S) says how many experts processed each image token in
-  each MoE layer (for routing analysis; training drops it).
+  Sums the auxiliary losses and keeps the statistics per layer. ``token_counts``
+  (num_moe_layers, B, S) says how many experts processed each image token in each MoE layer
+  (for routing analysis; training drops it).
   """
-  if not layer_aux:
+  if layer_aux is None:
     return {"aux_loss": jnp.zeros((), jnp.float32), "moe": {}}
   per_token = ("aux_loss", "token_counts")
-  stats = {k: jnp.stack([a[k] for a in layer_aux]) for k in layer_aux[0] if k not in per_token}
-  return {"aux_loss": sum(a["aux_loss"] for a in layer_aux), "moe": stats,
-          "token_counts": jnp.stack([a["token_counts"] for a in layer_aux])}
+  return {"aux_loss": jnp.sum(layer_aux["aux_loss"]),
+          "moe": {k: v for k, v in layer_aux.items() if k not in per_token},
+          "token_counts": layer_aux["token_counts"]}
 
 
 class TextToImageDiT(nnx.Module):

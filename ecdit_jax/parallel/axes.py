@@ -19,9 +19,10 @@ HEAD_DIM = "kv"  # per-head feature width
 EXPERT = "expert"  # the expert dimension of MoE weights
 VOCAB = "vocab"  # text vocabulary
 TEXT_EMBED = "text_embed"  # width of the text encoder's output (the cross-attention context)
+LAYERS = "layers"  # the leading axis of blocks' parameters stacked for a scan over layers
 UNSHARDED = None  # small axes that are never split (patch pixels, timestep frequencies)
 
-ALL_LOGICAL_AXES = (EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, EXPERT, VOCAB, TEXT_EMBED)
+ALL_LOGICAL_AXES = (EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, EXPERT, VOCAB, TEXT_EMBED, LAYERS)
 
 
 def partitioned(initializer: Callable, names: Sequence[str | None]) -> Callable:

@@ -38,6 +38,8 @@ RULES: tuple[tuple[str, Any], ...] = (
     (axes.VOCAB, "tensor"),
     (axes.EXPERT, "expert"),
     (axes.HEAD_DIM, None),
+    # Stacked layers stay whole on every device: the scan slices one layer per iteration.
+    (axes.LAYERS, None),
 )
 
 

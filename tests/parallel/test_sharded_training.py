@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from ecdit_jax.model import ModelConfig
+from ecdit_jax.model.layer_stacking import stack_block_params, unstack_block_params
 from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.train import sharding
 from ecdit_jax.train.optimizer import make_optimizer
@@ -40,9 +41,9 @@ def _null(model_config):
   return null
 
 
-def _run(config, mesh, batches):
+def _run(config, mesh, batches, prepare=perturbed):
   """Gradients at the first batch and the losses/params of three steps, on ``mesh`` or on one
-  device when ``mesh`` is None."""
+  device when ``mesh`` is None; ``prepare`` turns the initial parameters into the ones used."""
   model_config = ModelConfig.from_mapping(config.model)
   optimizer = make_optimizer(config)
   null = _null(model_config)
@@ -52,7 +53,7 @@ def _run(config, mesh, batches):
   else:
     graphdef, state, shardings = sharding.init_train_state(model_config, optimizer, config.seed,
                                                            mesh)
-  state = state.replace(params=perturbed(state.params))
+  state = state.replace(params=prepare(state.params))
   loss_fn = make_loss_fn(graphdef, model_config, config, null, masked=True)
   grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
   step_fn = make_train_step(graphdef, model_config, config, optimizer, null, masked=True)
@@ -105,6 +106,29 @@ def test_sharded_training_equals_single_device(sizes, reference):
   assert (spec[1] == "fsdp") == (sizes.get("fsdp", 1) > 1)
   nu = jax.tree.leaves(state.opt_state)  # optimizer moments follow their parameters
   assert any(leaf.shape == w_in.shape and leaf.sharding.spec == spec for leaf in nu)
+
+
+def test_scan_over_layers_trains_as_the_unrolled_model_on_a_mesh(reference):
+  """Stacked blocks on an FSDP x expert mesh: the unrolled single-device gradients, losses and
+  parameters once converted back, with the stacked weights split as their unrolled ones."""
+  config, batches, _ = reference
+  config = config.copy_and_resolve_references()
+  config.model.num_layers = 4  # two repeats of the dense/MoE pair
+  grads0, aux0, losses0, state0 = _run(config, None, batches)
+  config.model.scan_layers = True
+  unstack = lambda p: {**p, "dit": unstack_block_params(p["dit"])}
+  stack = lambda p: {**p, "dit": stack_block_params(p["dit"], 2)}
+  mesh = mesh_lib.create_mesh({"fsdp": 2, "expert": 4})
+  grads, aux, losses, state = _run(config, mesh, batches,
+                                   prepare=lambda p: stack(perturbed(unstack(p))))
+  for got, want in zip(jax.tree.leaves(unstack(grads)), jax.tree.leaves(grads0)):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
+  np.testing.assert_array_equal(aux["moe"]["experts_per_token"], aux0["moe"]["experts_per_token"])
+  np.testing.assert_allclose(losses, losses0, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(unstack(state.params)), jax.tree.leaves(state0.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  w_in = state.params["dit"]["stacked_blocks"][1]["ffn"]["experts"]["w_in"]
+  assert w_in.ndim == 4 and tuple(w_in.sharding.spec)[:3] == (None, "expert", "fsdp")
 
 
 @pytest.mark.parametrize("method", ["gather", "einsum", "hybrid"])

@@ -20,11 +20,15 @@ def read_losses(workdir):
     return {row["step"]: row["loss"] for row in map(json.loads, f)}
 
 
-# The data position is checkpointed either way: the grain pipeline's or the in-memory cache's.
-@pytest.mark.parametrize("cache_in_memory", [False, True])
-def test_resume_matches_uninterrupted_run(data_dir, tmp_path, cache_in_memory):
+# The data position is checkpointed either way: the grain pipeline's or the in-memory cache's;
+# and the stacked parameters of a scan over layers are too.
+@pytest.mark.parametrize("cache_in_memory,scan_layers", [(False, False), (True, True)])
+def test_resume_matches_uninterrupted_run(data_dir, tmp_path, cache_in_memory, scan_layers):
   def config(**overrides):
-    return tiny_train_config(data_dir, **{"data.cache_in_memory": cache_in_memory, **overrides})
+    return tiny_train_config(data_dir, **{"data.cache_in_memory": cache_in_memory,
+                                          "model.scan_layers": scan_layers,
+                                          "model.num_layers": 4 if scan_layers else 2,
+                                          **overrides})
 
   straight = str(tmp_path / "straight")
   final_straight = train_and_evaluate(config(), straight)
@@ -41,6 +45,7 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path, cache_in_memory):
     assert losses_resumed[step] == losses_straight[step], step  # exact, not approximate
   for a, b in zip(jax.tree.leaves(final_straight), jax.tree.leaves(final_resumed)):
     np.testing.assert_array_equal(a, b)
+  assert ("stacked_blocks" in final_resumed.params["dit"]) == scan_layers
   # A finished run asked for the same length again does nothing and keeps its checkpoints.
   again = train_and_evaluate(config(), resumed)
   assert int(again.step) == 6
