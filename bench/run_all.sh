@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark suite in one command: training-step throughput of EC-XL-8E (tokens dispatched
 # by gather, by one-hot einsums, and by the hybrid of the two) and of the dense XL model on one
-# device, the hybrid EC and dense steps again with the momentum trace in bfloat16, sampling
+# device, the hybrid EC and dense steps again with the momentum trace in bfloat16, the hybrid
+# EC step with blocks recomputed, unrolled and as a scan over layers (compile time), sampling
 # EC-XL-8E (each dispatch method) against its FLOP-matched dense model on one device, and,
 # where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split over
 # an expert axis, then parameters over an fsdp axis). Run from anywhere:
@@ -54,13 +55,18 @@ ONE=(--num_devices=1 --mesh=data=1)
 # profile NAME: the --profile_dir flag for NAME when PROFILE is set, else nothing.
 profile() { [ -n "${PROFILE:-}" ] && echo "--profile_dir=$OUT/profile_$1"; }
 for name in step_ec_xl_8e step_ec_xl_8e_einsum step_ec_xl_8e_hybrid step_dense_xl \
-    step_ec_xl_8e_hybrid_bf16m step_dense_xl_bf16m; do
+    step_ec_xl_8e_hybrid_bf16m step_dense_xl_bf16m step_ec_xl_8e_hybrid_bf16m_block \
+    step_ec_xl_8e_hybrid_bf16m_block_scan; do
   case "$name" in
     step_ec_xl_8e) flags=(--model=ec) ;;
     step_ec_xl_8e_einsum) flags=(--model=ec --moe_dispatch=einsum) ;;
     step_ec_xl_8e_hybrid) flags=(--model=ec --moe_dispatch=hybrid) ;;
     step_ec_xl_8e_hybrid_bf16m) flags=(--model=ec --moe_dispatch=hybrid --momentum_dtype=bfloat16) ;;
     step_dense_xl_bf16m) flags=(--model=dense --momentum_dtype=bfloat16) ;;
+    step_ec_xl_8e_hybrid_bf16m_block) flags=(--model=ec --moe_dispatch=hybrid
+        --momentum_dtype=bfloat16 --remat=block) ;;
+    step_ec_xl_8e_hybrid_bf16m_block_scan) flags=(--model=ec --moe_dispatch=hybrid
+        --momentum_dtype=bfloat16 --remat=block --scan_layers=true) ;;
     *) flags=(--model=dense) ;;
   esac
   # shellcheck disable=SC2046  # profile prints one flag or nothing

@@ -59,7 +59,7 @@ def parse_args(argv):
                       help="round the matched dense FFN width to this multiple")
   parser.add_argument("--profile_dir", default=None,
                       help="trace one more call of each sampler into DIR/<model> and summarise "
-                           "it per ODE step")
+                           "it per ODE step; the compiled HLO goes there too")
   args = parser.parse_args(argv)
   common.apply_smoke(args, calls_flag="calls")
   if args.smoke:
@@ -168,7 +168,9 @@ def main(argv=None) -> dict:
       path = os.path.join(args.profile_dir, bench.name)
       with jax.profiler.trace(path, create_perfetto_trace=True):
         bench.call_window(1)
-      sources = hlo_sources.parse(bench.compiled.as_text())  # time by source line too
+      hlo_text = bench.compiled.as_text()
+      common.write_text(os.path.join(path, "optimized_hlo.txt.gz"), hlo_text)  # for reading
+      sources = hlo_sources.parse(hlo_text)  # time by source line too
       profiles[bench.name] = trace_summary.summarize(trace_summary.load_events(path),
                                                      args.num_steps, sources=sources)
   devices = jax.devices()[:1]
