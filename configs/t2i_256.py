@@ -64,7 +64,9 @@ VARIANTS = ("XL-32E", "XXL-32E", "3XL-32E", "M-64E")
 REMAT = {"XL-32E": "dots", "XXL-32E": "block", "3XL-32E": "block", "M-64E": "block"}
 # Scan over layers where the blocks are recomputed anyway: on one H100 (EC-XL-8E, batch 64) the
 # scan cut compile time from 151 to 32 s for 3% of throughput with block remat, but cost 10%
-# when matmul outputs are kept (bench/RESULTS.md).
+# when matmul outputs are kept (measured before the weights were cast ahead of the scan;
+# bench/RESULTS.md). Workdirs of these variants saved unrolled resume with
+# --config.model.scan_layers=False.
 SCAN_LAYERS = {variant: remat == "block" for variant, remat in REMAT.items()}
 T5_V1_1_XXL_WIDTH = 4096
 TEXT_MAX_LEN = 120  # as PixArt-alpha: long enough for most dense captions

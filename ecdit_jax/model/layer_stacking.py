@@ -13,7 +13,8 @@ say) from one layout to the other.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,9 @@ FLOAT32_MODULES = ("router",)
 
 
 def cast_for_compute(state: Any, dtype) -> Any:
-  """The stacked weight matrices (and expert biases) in ``dtype``, others as they are.
+  """Stacked weights of per-layer rank >= 2 (the matrices, the per-head and per-expert biases)
+  in ``dtype``, except those of ``FLOAT32_MODULES``; others (norm scales, plain biases) as they
+  are.
 
   Inside a scan, every use of a layer's weight slices it from the stack; XLA GPU copies each
   slice out before the matmul reads it. Casting the stacks once, before the scan, makes those
@@ -95,21 +98,23 @@ def scan_blocks(stacked: Sequence[nnx.Module], x: jax.Array, apply_block, comput
       lambda *a: jnp.stack(a, axis=1).reshape((-1,) + a[0].shape[1:]), *present)
 
 
-def _check_period(blocks: dict, period: int) -> int:
-  num_layers = len(blocks)
-  if num_layers % period:
-    raise ValueError(f"{num_layers} blocks do not split into repeats of {period}")
-  return num_layers
+def _by_index(blocks: dict) -> list:
+  """The values of a {i: tree} dict in order of i; keys may be ints or their strings (as a
+  restored checkpoint may give them)."""
+  keys = sorted(blocks, key=int)
+  if [int(k) for k in keys] != list(range(len(keys))):
+    raise ValueError(f"block keys {keys} are not 0..{len(keys) - 1}")
+  return [blocks[k] for k in keys]
 
 
 def stack_block_params(dit_params: dict, period: int) -> dict:
   """The DiT's parameter dict with ``blocks`` {i: tree} replaced by ``stacked_blocks``."""
   if UNROLLED_KEY not in dit_params:
     raise ValueError(f"no '{UNROLLED_KEY}' in the parameters: already stacked?")
-  blocks = dit_params[UNROLLED_KEY]
-  num_layers = _check_period(blocks, period)
-  stacked = {j: jax.tree.map(lambda *xs: jnp.stack(xs),
-                             *[blocks[i] for i in range(j, num_layers, period)])
+  blocks = _by_index(dit_params[UNROLLED_KEY])
+  if len(blocks) % period:
+    raise ValueError(f"{len(blocks)} blocks do not split into repeats of {period}")
+  stacked = {j: jax.tree.map(lambda *xs: jnp.stack(xs), *blocks[j::period])
              for j in range(period)}
   out = {k: v for k, v in dit_params.items() if k != UNROLLED_KEY}
   out[STACKED_KEY] = stacked
@@ -120,7 +125,7 @@ def unstack_block_params(dit_params: dict) -> dict:
   """The inverse of ``stack_block_params``: ``stacked_blocks`` -> ``blocks`` {i: tree}."""
   if STACKED_KEY not in dit_params:
     raise ValueError(f"no '{STACKED_KEY}' in the parameters: not stacked?")
-  stacked = dit_params[STACKED_KEY]
+  stacked = _by_index(dit_params[STACKED_KEY])
   period = len(stacked)
   repeats = jax.tree.leaves(stacked[0])[0].shape[0]
   blocks = {r * period + j: jax.tree.map(lambda a, r=r: a[r], stacked[j])

@@ -55,15 +55,27 @@ def test_same_seed_gives_the_unrolled_weights_stacked(layout):
   assert jax.tree.structure(back) == jax.tree.structure(_params(unrolled))
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(_params(unrolled))):
     np.testing.assert_array_equal(a, b)
+  # Block keys as strings (as a restored checkpoint may give them) convert alike, in order.
+  as_strings = {**_params(unrolled)["dit"]}
+  as_strings["blocks"] = {str(i): v for i, v in as_strings["blocks"].items()}
+  for a, b in zip(jax.tree.leaves(stack_block_params(as_strings, config.layer_period)),
+                  jax.tree.leaves(want["dit"])):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="already stacked"):
+    stack_block_params(got["dit"], config.layer_period)
 
 
-@pytest.mark.parametrize("layout,remat,router,dtype", [
-    ("every_other", "none", "expert_choice", "float32"),
-    ("every_other", "dots", "expert_choice", "float32"),
-    ("every", "block", "token_choice", "float32"), ("none", "none", "expert_choice", "float32"),
-    ("every_other", "block", "expert_choice", "bfloat16")])
-def test_scanned_outputs_and_gradients_equal_the_unrolled_ones(layout, remat, router, dtype):
-  overrides = dict(num_layers=4, moe_layout=layout, remat=remat, router=router, dtype=dtype)
+@pytest.mark.parametrize("layout,remat,router,dtype,dispatch,train", [
+    ("every_other", "none", "expert_choice", "float32", "gather", True),
+    ("every_other", "dots", "expert_choice", "float32", "gather", True),
+    ("every", "block", "token_choice", "float32", "gather", True),
+    ("none", "none", "expert_choice", "float32", "gather", True),
+    ("every_other", "dots", "expert_choice", "float32", "hybrid", False),
+    ("every_other", "block", "expert_choice", "bfloat16", "gather", True)])
+def test_scanned_outputs_and_gradients_equal_the_unrolled_ones(layout, remat, router, dtype,
+                                                               dispatch, train):
+  overrides = dict(num_layers=4, moe_layout=layout, remat=remat, router=router, dtype=dtype,
+                   moe_dispatch=dispatch, eval_capacity_factor=1.0)
   unrolled_config = tiny_config(**overrides)
   scanned_config = tiny_config(scan_layers=True, **overrides)
   # bfloat16: the scan casts the stacked weights once, before the loop; the values are the
@@ -84,7 +96,7 @@ def test_scanned_outputs_and_gradients_equal_the_unrolled_ones(layout, remat, ro
   keep = jnp.array([[0, 3, 5, 9, 12, 15], [1, 2, 4, 8, 13, 14]])  # token masking, too
 
   def forward(graphdef):
-    return lambda p: nnx.merge(graphdef, p)(x, t, tokens, keep_index=keep)
+    return lambda p: nnx.merge(graphdef, p)(x, t, tokens, keep_index=keep, train=train)
 
   def loss(graphdef):
     def fn(p):
@@ -108,8 +120,7 @@ def test_scanned_outputs_and_gradients_equal_the_unrolled_ones(layout, remat, ro
     for a, b in zip(jax.tree.leaves(scanned_grads), jax.tree.leaves(grads)):
       close(a, b, rtol=1e-4)
   else:
-    flat = lambda g: np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(g)])
-    close(flat(scanned_grads), flat(grads))
+    close(_flat(scanned_grads), _flat(grads))
 
 
 def test_the_cast_before_the_scan_keeps_the_router_and_norms_in_float32():
@@ -125,6 +136,10 @@ def test_the_cast_before_the_scan_keeps_the_router_and_norms_in_float32():
     assert flat[name].dtype == jnp.bfloat16, name
   original = to_pure_dict(nnx.state(block, nnx.Param))["ffn"]["experts"]["w_in"]
   np.testing.assert_array_equal(cast["ffn"]["experts"]["w_in"], original.astype(jnp.bfloat16))
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(tree)])
 
 
 def _equation_count(config):
