@@ -69,7 +69,6 @@ def test_same_seed_gives_the_unrolled_weights_stacked(layout):
     ("every_other", "none", "expert_choice", "float32", "gather", True),
     ("every_other", "dots", "expert_choice", "float32", "gather", True),
     ("every", "block", "token_choice", "float32", "gather", True),
-    ("none", "none", "expert_choice", "float32", "gather", True),
     ("every_other", "dots", "expert_choice", "float32", "hybrid", False),
     ("every_other", "block", "expert_choice", "bfloat16", "gather", True)])
 def test_scanned_outputs_and_gradients_equal_the_unrolled_ones(layout, remat, router, dtype,

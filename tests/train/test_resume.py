@@ -27,7 +27,6 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path, cache_in_memory, s
   def config(**overrides):
     return tiny_train_config(data_dir, **{"data.cache_in_memory": cache_in_memory,
                                           "model.scan_layers": scan_layers,
-                                          "model.num_layers": 4 if scan_layers else 2,
                                           **overrides})
 
   straight = str(tmp_path / "straight")
