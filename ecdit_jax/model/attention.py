@@ -67,9 +67,21 @@ class HeadRMSNorm(nnx.Module):
     self.scale = nnx.Param(init(rngs.params(), (head_dim,), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    shape = x.shape
+    if _heads_unsplit():
+      # One row per (token, head): on GPU, XLA tiles the 4-D form (1, 128, 1, head_dim), so
+      # each tile reads rows a whole token apart; the rows of this view are contiguous. With
+      # heads split over devices the merge would need a reshard, so the 4-D form stays.
+      x = x.reshape(-1, shape[-1])
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
-    return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype).reshape(shape)
+
+
+def _heads_unsplit() -> bool:
+  """Whether the heads axis is whole on every device (no mesh, or tensor parallelism off)."""
+  mesh = mesh_lib.current_mesh()
+  return mesh is None or mesh.shape["tensor"] == 1
 
 
 class Attention(nnx.Module):
