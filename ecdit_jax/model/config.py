@@ -23,6 +23,10 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # frozen pretrained encoder outside the model (train/text_conditioning.py); the DiT then gets its
 # last hidden states as the context and has no text parameters of its own.
 TEXT_ENCODERS = ("scratch", "t5", "clip")
+# Keys that change how the parameters are used, not which parameters there are or what they
+# mean: a run may resume with new values (e.g. block remat to fit a smaller card). Changing
+# any other key refuses the resume (train/checkpoint.check_same_model).
+COMPUTE_ONLY_KEYS = ("attention_impl", "eval_capacity_factor", "moe_dispatch", "remat")
 
 
 class ConfigError(ValueError):

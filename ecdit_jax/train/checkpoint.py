@@ -19,6 +19,7 @@ from etils import epath
 import orbax.checkpoint as ocp
 
 from ecdit_jax.model import ConfigError, ModelConfig
+from ecdit_jax.model.config import COMPUTE_ONLY_KEYS
 
 
 class Checkpointer:
@@ -67,8 +68,13 @@ class Checkpointer:
     self.manager.close()
 
 
-def check_same_model(saved: dict, current: dict) -> None:
-  """A workdir's checkpoints belong to one model; refuse to resume with a different one."""
+def check_same_model(saved: dict, current: dict) -> list[str]:
+  """A workdir's checkpoints belong to one model; refuse to resume with a different one.
+
+  Keys of ``COMPUTE_ONLY_KEYS`` (remat, dispatch, attention kernel, inference capacity) may
+  differ: returns one line per such change, for the log. Any other difference raises
+  ``ConfigError`` naming every changed key.
+  """
   # A key added to ModelConfig after a run was saved holds its default there (for example
   # text_encoder="scratch"), so that older workdirs still resume.
   defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
@@ -76,8 +82,13 @@ def check_same_model(saved: dict, current: dict) -> None:
   current_model = {**defaults, **current.get("model", {})}
   changed = sorted(k for k in set(saved_model) | set(current_model)
                    if saved_model.get(k) != current_model.get(k))
-  if changed:
-    details = ", ".join(f"config.model.{k}: saved {saved_model.get(k)!r} vs now "
-                        f"{current_model.get(k)!r}" for k in changed)
+
+  def describe(key):
+    return f"config.model.{key}: saved {saved_model.get(key)!r} vs now {current_model.get(key)!r}"
+
+  refused = [k for k in changed if k not in COMPUTE_ONLY_KEYS]
+  if refused:
     raise ConfigError(f"the checkpoints in this workdir were made with a different model "
-                      f"({details}); use a new --workdir or the saved values")
+                      f"({', '.join(map(describe, refused))}); use a new --workdir or the "
+                      f"saved values")
+  return [describe(k) for k in changed]

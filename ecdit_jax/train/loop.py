@@ -139,7 +139,8 @@ def _restore_or_init(config, model_config, optimizer, checkpointer, iterator, wo
       (epath.Path(workdir) / "config.json").write_text(json.dumps(config_as_dict(config),
                                                                   indent=2))
     return graphdef, state, shardings
-  check_same_model(checkpointer.restore_config(latest), config_as_dict(config))
+  for change in check_same_model(checkpointer.restore_config(latest), config_as_dict(config)):
+    log_line(f"resuming with {change}")
   graphdef, abstract = abstract_train_state(model_config, optimizer, config.seed)
   shardings = sharding.state_shardings(abstract, model_config, mesh)
   state = checkpointer.restore(latest, sharding.with_shardings(abstract, shardings), iterator)

@@ -6,11 +6,14 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from ecdit_jax.model import ConfigError
-from ecdit_jax.train.checkpoint import Checkpointer
+from ecdit_jax.model import ConfigError, ModelConfig
+from ecdit_jax.model.config import COMPUTE_ONLY_KEYS
+from ecdit_jax.train.checkpoint import Checkpointer, check_same_model
 from ecdit_jax.train.inference import load_run
 from ecdit_jax.train.loop import train_and_evaluate
+from ecdit_jax.train.state import build_model, to_pure_dict
 
 from train_testing import tiny_train_config
 
@@ -51,12 +54,43 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path, cache_in_memory, s
   assert Checkpointer(resumed).all_steps() == [3, 6]
 
 
-def test_resume_refuses_a_different_model(data_dir, tmp_path):
+def test_resume_refuses_a_different_model_but_takes_new_compute_settings(data_dir, tmp_path,
+                                                                        capsys):
   workdir = str(tmp_path / "run")
   train_and_evaluate(tiny_train_config(data_dir, num_train_steps=3), workdir)
-  with pytest.raises(ConfigError, match=r"config\.model\.hidden_size"):
-    train_and_evaluate(tiny_train_config(data_dir, **{"model.hidden_size": 64}), workdir)
+  with pytest.raises(ConfigError, match=r"config\.model\.hidden_size") as refused:
+    train_and_evaluate(tiny_train_config(data_dir, **{"model.hidden_size": 64,
+                                                      "model.remat": "block"}), workdir)
+  assert "remat" not in str(refused.value)  # only the keys that block the resume are named
   assert Checkpointer(workdir).all_steps() == [3]  # nothing saved was touched
+  # Block remat changes how the same parameters are used: the run goes on, and says so.
+  state = train_and_evaluate(
+      tiny_train_config(data_dir, num_train_steps=4, **{"model.remat": "block"}), workdir)
+  assert int(state.step) == 4
+  assert "resuming with config.model.remat: saved 'none' vs now 'block'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, values", [("remat", ("none", "block", "dots")),
+                                         ("moe_dispatch", ("gather", "einsum", "hybrid")),
+                                         ("attention_impl", ("auto", "xla")),
+                                         ("eval_capacity_factor", (2.0, 1.0))])
+def test_compute_only_keys_leave_the_parameters_as_they_are(key, values):
+  assert key in COMPUTE_ONLY_KEYS
+  config = dict(hidden_size=32, num_layers=2, num_heads=2, num_experts=4, text_hidden_size=16,
+                text_num_layers=1, text_num_heads=2, text_max_len=8, text_vocab_size=64)
+
+  def parameter_shapes(value):
+    model_config = ModelConfig.from_mapping({**config, key: value})
+    state = nnx.state(nnx.eval_shape(lambda: build_model(model_config, 0)))
+    return jax.tree_util.tree_flatten_with_path(
+        jax.tree.map(lambda x: (x.shape, x.dtype), to_pure_dict(state)))
+
+  first = parameter_shapes(values[0])
+  for value in values[1:]:
+    assert parameter_shapes(value) == first, (key, value)
+  lines = check_same_model({"model": {key: values[0]}}, {"model": {key: values[1]}})
+  assert lines == [f"config.model.{key}: saved {values[0]!r} vs now {values[1]!r}"]
+  assert check_same_model({"model": config}, {"model": config}) == []
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints(data_dir, tmp_path):
