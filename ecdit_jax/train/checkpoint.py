@@ -73,7 +73,7 @@ def check_same_model(saved: dict, current: dict) -> list[str]:
 
   Keys of ``COMPUTE_ONLY_KEYS`` (remat, dispatch, attention kernel, inference capacity) may
   differ: returns one line per such change, for the log. Any other difference raises
-  ``ConfigError`` naming every changed key.
+  ``ConfigError`` naming those other keys.
   """
   # A key added to ModelConfig after a run was saved holds its default there (for example
   # text_encoder="scratch"), so that older workdirs still resume.
