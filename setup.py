@@ -5,7 +5,7 @@ import setuptools
 INSTALL_REQUIRES = [
   "jax>=0.10",
   "flax>=0.12",
-  "optax>=0.2.4",
+  "optax>=0.2.5",
   "orbax-checkpoint>=0.11",
   "tensorflow-datasets>=4.9.7",
   "array-record>=0.8",
@@ -27,6 +27,9 @@ EXTRAS_REQUIRE = {
            "nbformat>=5.9", "ipykernel>=6.29", "torch>=2.4", "torchvision>=0.19",
            "pytorch-fid>=0.3", "transformers>=4.45", "diffusers>=0.30"],
   "gpu": ["jax[cuda12]>=0.10"],
+  # Only for the one-off conversion of PyTorch weight files to safetensors
+  # (python -m ecdit_jax.encoders.convert_torch); nothing at run time reads them.
+  "torch": ["torch>=2.4"],
   # gcsfs lets checkpoints, metrics and samples go straight to a gs:// workdir.
   "tpu": ["jax[tpu]>=0.10", "gcsfs>=2024.2"],
 }

@@ -33,6 +33,7 @@ import numpy as np
 
 from configs import default as default_config
 from configs import ecdit as ecdit_config
+from ecdit_jax.config import TrainConfig
 
 MODELS = ("ec", "dense", "tc")
 
@@ -102,8 +103,9 @@ def apply_smoke(args: argparse.Namespace, *, calls_flag: str) -> None:
   args.matmul_size = min(args.matmul_size, 256)
 
 
-def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  """The full training config for --model, --preset or --config, with the flags' overrides."""
+def build_config(args: argparse.Namespace) -> TrainConfig:
+  """The full training config for --model, --preset or --config, with the flags' overrides,
+  checked as training checks it (errors name the key)."""
   if args.config and args.preset:
     raise SystemExit("give --config or --preset, not both")
   if args.config:
@@ -133,7 +135,9 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config.model.update({k: v for k, v in overrides.items() if v is not None})
   config.batch_size = args.batch_size
   config.seed = args.seed
-  return config
+  for key in ("sample_every_steps", "eval_every_steps"):  # training's own sampling: not timed
+    config[key] = 0
+  return TrainConfig.from_mapping(config)
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -164,27 +168,9 @@ def config_name(args: argparse.Namespace, model_config) -> str:
   return f"{name}(smoke)" if args.smoke else name
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-  """'data=1,fsdp=2,expert=4' -> {'data': 1, 'fsdp': 2, 'expert': 4} (create_mesh checks it)."""
-  sizes = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
-    name, sep, value = part.partition("=")
-    if not sep:
-      raise ValueError(f"--mesh entry {part!r} is not AXIS=SIZE")
-    sizes[name.strip()] = int(value)
-  return sizes
-
-
 def synthetic_tokens(rng: np.random.Generator, batch: int, length: int, vocab: int) -> np.ndarray:
   """Random prompts of the full padded length (pad = 0 and eos = 1 are left out)."""
   return rng.integers(2, vocab, (batch, length)).astype(np.int32)
-
-
-def null_tokens(length: int) -> np.ndarray:
-  """The empty caption, [eos, pad, ...], as the tokenizer encodes it."""
-  null = np.zeros(length, np.int32)
-  null[0] = 1
-  return null
 
 
 def timed_windows(run_window: Callable[[], Any], windows: int) -> list[float]:

@@ -37,12 +37,12 @@ import hlo_sources
 import jax
 import numpy as np
 import trace_summary
-from flax import nnx
 
+from ecdit_jax.data.tokenizer import pad_ids
+from ecdit_jax.inference.sampler import make_sampler
 from ecdit_jax.model import ModelConfig, flops
 from ecdit_jax.model.counting import count_params
-from ecdit_jax.train.sampling import make_sampler
-from ecdit_jax.train.state import build_model, to_pure_dict
+from ecdit_jax.model.params import abstract_params, init_params
 
 TARGET_RATIO = 1.05  # the EC time / dense time asked for
 
@@ -87,10 +87,8 @@ class SamplerBench:
 
   def __init__(self, name: str, model_config: ModelConfig, args, tokens, null):
     self.name, self.config, self.args = name, model_config, args
-    abstract = nnx.eval_shape(lambda: build_model(model_config, args.seed))
-    graphdef = nnx.split(abstract)[0]
-    self.params = jax.jit(lambda: to_pure_dict(nnx.split(build_model(model_config,
-                                                                     args.seed))[1]))()
+    graphdef, _ = abstract_params(model_config)
+    self.params = jax.jit(lambda: init_params(model_config, args.seed)[1])()
     sampler = make_sampler(graphdef, model_config, num_steps=args.num_steps,
                            cfg_scale=args.cfg_scale, method=args.method,
                            capacity_factor=args.capacity_factor)
@@ -132,8 +130,7 @@ class SamplerBench:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  config = common.build_config(args)
-  moe_config = ModelConfig.from_mapping(config.model)
+  moe_config = common.build_config(args).model
   if moe_config.moe_layout == "none":
     raise SystemExit("sample.py compares an MoE model with its FLOP-matched dense model: pick "
                      "--model=ec or tc, or an MoE --preset")
@@ -151,7 +148,7 @@ def main(argv=None) -> dict:
   rng = np.random.default_rng(args.seed)
   tokens = jax.device_put(common.synthetic_tokens(rng, args.batch_size, moe_config.text_max_len,
                                                   moe_config.text_vocab_size))
-  null = jax.device_put(common.null_tokens(moe_config.text_max_len))
+  null = jax.device_put(pad_ids([], moe_config.text_max_len))
   label = "ec" if moe_config.router == "expert_choice" else "tc"
   benches = [SamplerBench(label, moe_config, args, tokens, null),
              SamplerBench("dense", dense_config, args, tokens, null)]

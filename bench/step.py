@@ -12,7 +12,7 @@ r"""Training-step throughput of the real sharded train step, on synthetic batche
 
 The step is exactly what training runs: ``sharding.init_train_state`` lays the state out on the
 mesh, ``step.make_train_step`` (noise, caption dropout, loss, gradients, RMSProp-momentum, EMA)
-is jitted by ``sharding.jit_train_step`` and called under ``jax.set_mesh``. The input pipeline
+is jitted by ``sharding.jit_train_step``. The input pipeline
 is left out: one random batch (latents, full-length random prompts) sits on the devices and is
 fed to every step. ``--steps_per_call=K`` runs K steps a call, as ``config.steps_per_call`` does
 in training (a scan over K stacked copies of the batch), to show what dispatch costs.
@@ -32,7 +32,7 @@ to the printout and the record.
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import sys
 
 import common  # also puts the repository root on sys.path
@@ -41,6 +41,8 @@ import jax
 import numpy as np
 import trace_summary
 
+from ecdit_jax import config as config_lib
+from ecdit_jax.data.tokenizer import pad_ids
 from ecdit_jax.diffusion.masking import num_kept_tokens
 from ecdit_jax.model import ModelConfig, flops
 from ecdit_jax.model.counting import count_params
@@ -82,22 +84,6 @@ def parse_args(argv):
   return args
 
 
-def check_layout(model_config: ModelConfig, config, mesh) -> None:
-  """The checks of the training loop's config validation that a benchmark can hit."""
-  n_expert = mesh.shape["expert"]
-  if model_config.moe_layout != "none" and model_config.num_experts % n_expert:
-    raise SystemExit(f"--num_experts={model_config.num_experts} is not divisible by the "
-                     f"expert mesh axis of size {n_expert}")
-  shards = math.prod(mesh.shape[a] for a in mesh_lib.batch_axes(mesh))
-  if config.batch_size % (shards * config.grad_accum_steps):
-    raise SystemExit(f"--batch_size={config.batch_size} must be divisible by "
-                     f"--grad_accum_steps={config.grad_accum_steps} x {shards} batch shards")
-  micro = config.batch_size // config.grad_accum_steps
-  if micro % model_config.routing_group_size:
-    raise SystemExit(f"routing_group_size={model_config.routing_group_size} must divide the "
-                     f"micro-batch of {micro} images")
-
-
 def synthetic_batch(model_config: ModelConfig, batch_size: int, seed: int) -> dict:
   rng = np.random.default_rng(seed)
   size, channels = model_config.image_size, model_config.in_channels
@@ -109,15 +95,16 @@ def synthetic_batch(model_config: ModelConfig, batch_size: int, seed: int) -> di
 def main(argv=None) -> dict:
   args = parse_args(argv)
   config = common.build_config(args)
-  config.grad_accum_steps = args.grad_accum_steps
+  diffusion = config.diffusion
   if args.mask_ratio is not None:
-    config.diffusion.mask_ratio = args.mask_ratio
-  if args.momentum_dtype is not None:
-    config.momentum_dtype = args.momentum_dtype
-  model_config = ModelConfig.from_mapping(config.model)
+    diffusion = dataclasses.replace(diffusion, mask_ratio=args.mask_ratio)
+  config = config.replace(grad_accum_steps=args.grad_accum_steps, diffusion=diffusion,
+                          momentum_dtype=args.momentum_dtype or config.momentum_dtype,
+                          mesh=mesh_lib.MeshConfig.parse(args.mesh))
+  model_config = config.model
   devices = jax.devices()[:args.num_devices] if args.num_devices else jax.devices()
-  mesh = mesh_lib.create_mesh(common.parse_mesh(args.mesh), devices)
-  check_layout(model_config, config, mesh)
+  config_lib.check_devices(config, len(devices), 1)  # as training checks it
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
 
   optimizer = make_optimizer(config)
   (graphdef, state, shardings), init_s = common.timed(
@@ -125,8 +112,8 @@ def main(argv=None) -> dict:
   jax.block_until_ready(state)
   mask_ratio = config.diffusion.mask_ratio
   masked = mask_ratio > 0
-  step_fn = make_train_step(graphdef, model_config, config, optimizer,
-                            common.null_tokens(model_config.text_max_len), masked=masked)
+  step_fn = make_train_step(graphdef, config, optimizer, pad_ids([], model_config.text_max_len),
+                            masked=masked)
   per_call = args.steps_per_call
   jitted = sharding.jit_train_step(step_fn, shardings, mesh, stacked=per_call > 1)
   batch = sharding.global_batch(synthetic_batch(model_config, config.batch_size, args.seed), mesh)
@@ -134,30 +121,29 @@ def main(argv=None) -> dict:
     batch = sharding.make_batch_stacker(mesh)([batch] * per_call)
   calls = args.steps // per_call
 
-  with jax.set_mesh(mesh):
-    lowered, lower_s = common.timed(lambda: jitted.lower(state, batch))
-    compiled, compile_s = common.timed(lowered.compile)
-    hlo_text = compiled.as_text() if args.hlo_out or args.profile_dir else None
-    if args.hlo_out:
-      common.write_text(args.hlo_out, hlo_text)
-    metrics = None
-    for _ in range(args.warmup):
-      state, metrics = compiled(state, batch)  # warm-up calls: steps_per_call steps each
+  lowered, lower_s = common.timed(lambda: jitted.lower(state, batch))
+  compiled, compile_s = common.timed(lowered.compile)
+  hlo_text = compiled.as_text() if args.hlo_out or args.profile_dir else None
+  if args.hlo_out:
+    common.write_text(args.hlo_out, hlo_text)
+  metrics = None
+  for _ in range(args.warmup):
+    state, metrics = compiled(state, batch)  # warm-up calls: steps_per_call steps each
+  jax.block_until_ready(state)
+
+  def window():
+    nonlocal state, metrics
+    for _ in range(calls):
+      state, metrics = compiled(state, batch)  # dispatched without waiting
     jax.block_until_ready(state)
 
-    def window():
-      nonlocal state, metrics
-      for _ in range(calls):
-        state, metrics = compiled(state, batch)  # dispatched without waiting
-      jax.block_until_ready(state)
-
-    seconds = common.timed_windows(window, args.windows)
-    profile = None
-    if args.profile_dir:
-      with jax.profiler.trace(args.profile_dir, create_perfetto_trace=True):
-        window()
-      profile = trace_summary.summarize(trace_summary.load_events(args.profile_dir), args.steps,
-                                        sources=hlo_sources.parse(hlo_text))
+  seconds = common.timed_windows(window, args.windows)
+  profile = None
+  if args.profile_dir:
+    with jax.profiler.trace(args.profile_dir, create_perfetto_trace=True):
+      window()
+    profile = trace_summary.summarize(trace_summary.load_events(args.profile_dir), args.steps,
+                                      sources=hlo_sources.parse(hlo_text))
   if per_call > 1:  # the metrics of the last call's steps: keep its last
     metrics = jax.tree.map(lambda x: x[-1], metrics)
   loss, nonfinite = float(metrics["loss"]), bool(metrics["nonfinite"])
@@ -174,14 +160,14 @@ def main(argv=None) -> dict:
   record = {
       "benchmark": "train_step",
       "name": common.config_name(args, model_config) + (
-          "-bf16momentum" if config.get("momentum_dtype") == "bfloat16" else ""),
-      "model": config.model.to_dict(),
+          "-bf16momentum" if config.momentum_dtype == "bfloat16" else ""),
+      "model": dataclasses.asdict(config.model),
       "param_count": {"total": params.total, "backbone": params.backbone,
                       "experts": params.experts,
                       "activated_per_token": params.activated_per_token},
       "batch_size": config.batch_size,
       "grad_accum_steps": config.grad_accum_steps,
-      "momentum_dtype": config.get("momentum_dtype", "float32"),
+      "momentum_dtype": config.momentum_dtype,
       "mask_ratio": mask_ratio,
       "tokens_per_image": tokens or model_config.num_tokens,
       "mesh": dict(mesh.shape),

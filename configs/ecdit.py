@@ -15,6 +15,7 @@ depth and the step counts so the config runs on a laptop:
 import ml_collections
 
 from configs import default
+from ecdit_jax.config import config_dict
 from ecdit_jax.model.presets import model_overrides
 
 
@@ -23,10 +24,11 @@ def get_config(arg: str = "XL-8E") -> ml_collections.ConfigDict:
   unknown = set(flags) - {"runlocal"}
   if unknown:
     raise ValueError(f"unknown config flag(s) {sorted(unknown)} in {arg!r}; only 'runlocal'")
-  config = default.get_config()
+  config = config_dict()
   config.model.update(model_overrides(preset))
-  config.model.update(patch_size=2, num_kv_heads=None, dtype="bfloat16",
-                      text_hidden_size=512, text_num_layers=4, text_num_heads=8)
+  # GenEval-Shapes captions: a small vocabulary and short prompts (the text encoder is the
+  # default scratch one).
+  config.model.update(text_vocab_size=128, text_max_len=16)
   config.batch_size = 256
   config.num_train_steps = 400_000
   config.learning_rate = 1e-4

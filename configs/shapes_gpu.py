@@ -2,11 +2,10 @@ r"""The embedded default on one GPU: the same tiny EC-DiT, fed and dispatched as
 
 The model is the default one (configs/default.py) computing in bfloat16; what changes is the
 batch (512), the data (decoded once into host memory, ``data.cache_in_memory``, since one
-process decodes only ~2.6K images/s), ten steps per jitted call (``steps_per_call``: dispatching
-one step of this small model costs the host more than the GPU's work on it), and a cosine
-learning-rate decay to zero at the last step, so that the fixed budget of steps ends on a
-settled model. On one H100 it trains in about 7 minutes (data generation included) to a
-GenEval-Shapes score of about 0.94. Run it with:
+process decodes far fewer images a second than the GPU trains on), ten steps per jitted call
+(``steps_per_call``: dispatching one step of this small model costs the host more than the GPU's
+work on it), and a cosine learning-rate decay to zero at the last step, so that the fixed budget
+of steps ends on a settled model. Run it with:
 
   python -m ecdit_jax.main --config=configs/shapes_gpu.py --workdir=workdirs/shapes_gpu
 

@@ -57,16 +57,16 @@ random T5's vocabulary on your captions; by default it knows the GenEval-Shapes 
 import ml_collections
 
 from configs import default
+from ecdit_jax.config import DEFAULT_PROMPTS, config_dict
 from ecdit_jax.model.presets import model_overrides
 
 VARIANTS = ("XL-32E", "XXL-32E", "3XL-32E", "M-64E")
 # Rematerialisation: the XL blocks keep their matmul outputs; the larger ones recompute blocks.
 REMAT = {"XL-32E": "dots", "XXL-32E": "block", "3XL-32E": "block", "M-64E": "block"}
-# Scan over layers where the blocks are recomputed anyway: on one H100 (EC-XL-8E, batch 64) the
-# scan cut compile time from 151 to 32 s for 3% of throughput with block remat, but cost 10%
-# when matmul outputs are kept (measured before the weights were cast ahead of the scan;
-# bench/RESULTS.md). Workdirs of these variants saved unrolled resume with
-# --config.model.scan_layers=False.
+# Scan over layers where the blocks are recomputed anyway: it compiles several times faster and
+# costs little throughput with block remat, more when matmul outputs are kept
+# (bench/records/2026-11-26_h100_scan-over-layers/).
+# Workdirs of these variants saved unrolled resume with --config.model.scan_layers=False.
 SCAN_LAYERS = {variant: remat == "block" for variant, remat in REMAT.items()}
 T5_V1_1_XXL_WIDTH = 4096
 TEXT_MAX_LEN = 120  # as PixArt-alpha: long enough for most dense captions
@@ -79,16 +79,14 @@ def get_config(arg: str = "XL-32E") -> ml_collections.ConfigDict:
   unknown = set(flags) - {"runlocal"}
   if unknown:
     raise ValueError(f"unknown config flag(s) {sorted(unknown)} in {arg!r}; only 'runlocal'")
-  config = default.get_config()
+  config = config_dict()
   config.model.update(model_overrides(variant))
-  config.model.update(
-      image_size=32, in_channels=4, patch_size=2, num_kv_heads=None, capacity_factor=2.0,
-      eval_capacity_factor=2.0, dtype="bfloat16", remat=REMAT[variant],
-      scan_layers=SCAN_LAYERS[variant], text_encoder="t5",
-      text_hidden_size=T5_V1_1_XXL_WIDTH, text_max_len=TEXT_MAX_LEN)
-  # Required on the command line: the latents and the weights directories.
+  config.model.update(in_channels=4, remat=REMAT[variant], scan_layers=SCAN_LAYERS[variant],
+                      text_encoder="t5", text_hidden_size=T5_V1_1_XXL_WIDTH,
+                      text_max_len=TEXT_MAX_LEN)
+  # Required on the command line: the latents and the weights directories
+  # (config.pretrained.text_encoder and config.pretrained.vae).
   config.data.update(dataset="latents:", worker_count=4)
-  config.pretrained.update(text_encoder="", vae="", dtype="bfloat16")
   config.mesh.update(data=1, fsdp=-1)
   config.batch_size = 4096
   config.num_train_steps = 800_000
@@ -113,5 +111,5 @@ def get_config(arg: str = "XL-32E") -> ml_collections.ConfigDict:
     config.ema_decay = 0.995
     default.runlocal_schedule(config)
     config.sample.num_steps = 10
-    config.sample.prompts = default.get_config().sample.prompts
+    config.sample.prompts = DEFAULT_PROMPTS
   return config

@@ -18,10 +18,14 @@ when its patch of the decoded image holds object pixels.
 
 import json
 import os
+import sys
 
-from absl import app, flags, logging
+import numpy as np
+from absl import flags
+from PIL import Image, ImageDraw
 
-from ecdit_jax import pretrained_flags
+from ecdit_jax import cli, pretrained_flags
+from ecdit_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/, or an export.")
@@ -48,7 +52,6 @@ def _default_prompts(n):
 
 def _heat(values, vmax):
   """(g, g) floats -> (g, g, 3) uint8, black -> red -> yellow as values rise to vmax."""
-  import numpy as np
   x = np.clip(values / max(vmax, 1e-9), 0, 1)
   return (np.stack([np.minimum(2 * x, 1), np.clip(2 * x - 1, 0, 1), np.zeros_like(x)], -1)
           * 255).astype(np.uint8)
@@ -59,7 +62,6 @@ _SERIES_COLOURS = {"object": (200, 60, 40), "background": (90, 90, 90)}
 
 def _bar_chart(rows, labels, title, path):
   """Grouped bars: experts per object token and per background token for each row."""
-  from PIL import Image, ImageDraw
   group, pad, height = 44, 30, 280
   canvas = Image.new("RGB", (max(group * len(rows) + 2 * pad + 60, 420), height), "white")
   draw = ImageDraw.Draw(canvas)
@@ -80,78 +82,80 @@ def _bar_chart(rows, labels, title, path):
   canvas.save(path)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  import jax
-  import numpy as np
-  from PIL import Image
-
-  from ecdit_jax.diffusion.samplers import sampling_timesteps
-  from ecdit_jax.eval import routing
-  from ecdit_jax.train.inference import load_run, read_prompts
-  from ecdit_jax.train.sampling import to_uint8, write_pngs
-
-  if os.path.isdir(FLAGS.outdir) and os.listdir(FLAGS.outdir):
-    raise app.UsageError(f"--outdir={FLAGS.outdir} is not empty; refusing to overwrite")
-  prompts = read_prompts(FLAGS.prompts) if FLAGS.prompts else _default_prompts(FLAGS.num_prompts)
-  run = load_run(FLAGS.workdir, pretrained_overrides=pretrained_flags.overrides())
-  if run.on_latents and run.vae is None:
-    raise app.UsageError("the run generates VAE latents and its config.pretrained.vae is empty: "
-                         "pass --pretrained_vae=DIR")
-  mc = run.model_config
-  steps = FLAGS.steps or run.config.sample.num_steps
-  cfg_scale = run.config.sample.cfg_scale if FLAGS.cfg_scale is None else FLAGS.cfg_scale
-  shape = (mc.image_size, mc.image_size, mc.in_channels)
-  key = jax.random.key(FLAGS.seed)
-  noise = np.stack([jax.random.normal(jax.random.fold_in(key, i), shape)
-                    for i in range(len(prompts))])  # the sample CLI's noise for image i
-  tokens = run.tokenizer.encode_batch(prompts, mc.text_max_len)
-  images, counts = routing.record_routing(
-      run.graphdef, run.params, tokens, run.null_tokens, noise, num_steps=steps,
-      cfg_scale=cfg_scale, capacity_factor=FLAGS.capacity_factor, text_encoder=run.text_encoder)
-  pixel_patch = mc.patch_size
-  if run.vae is not None:  # latents -> images; a token's patch covers f x f pixels per latent
-    images = jax.jit(run.vae.decode)(run.vae.params, images)
-    pixel_patch *= run.vae.downsample_factor
-  images = to_uint8(images)
-  mask = routing.object_token_mask(images, pixel_patch)
-  maps = routing.token_maps(counts, mc.grid_size)
-
-  write_pngs(images, os.path.join(FLAGS.outdir, "images"))
-  heat_dir = os.path.join(FLAGS.outdir, "heatmaps")
-  os.makedirs(heat_dir)
+def _write_heatmaps(images, maps, outdir: str, side_min: int) -> None:
+  """Per image: the sample, its map of experts per token, and the map laid over the sample."""
+  os.makedirs(outdir)
   vmax = float(maps.max())
   for i, (image, token_map) in enumerate(zip(images, maps)):
-    side = max(image.shape[0], mc.image_size * SCALE)
+    side = max(image.shape[0], side_min)
     left = Image.fromarray(image).resize((side, side), Image.NEAREST)
     right = Image.fromarray(_heat(token_map, vmax)).resize((side, side), Image.NEAREST)
-    # The sample, its map, and the map laid over the sample (half and half).
     panels = Image.new("RGB", (3 * side, side))
     panels.paste(left, (0, 0))
     panels.paste(right, (side, 0))
     panels.paste(Image.blend(left.convert("RGB"), right, 0.5), (2 * side, 0))
-    panels.save(os.path.join(heat_dir, f"{i:05d}.png"))
+    panels.save(os.path.join(outdir, f"{i:05d}.png"))
+
+
+def _write_charts(result: dict, outdir: str) -> None:
+  by_step = result["experts_per_token_by_step"]
+  _bar_chart(by_step, [f"{r['t']:.2f}" for r in by_step],
+             "experts per object / background token vs t (1 = noise)",
+             os.path.join(outdir, "compute_by_step.png"))
+  by_layer = result["experts_per_token_by_layer"]
+  _bar_chart(by_layer, [str(r["block"]) for r in by_layer],
+             "experts per object / background token vs block",
+             os.path.join(outdir, "compute_by_layer.png"))
+
+
+def main(argv):
+  del argv
+  if os.path.isdir(FLAGS.outdir) and os.listdir(FLAGS.outdir):
+    raise ConfigError(f"--outdir={FLAGS.outdir} is not empty; refusing to overwrite")
+  cli.start_processes()
+  # After joining the job: JAX's backends must not start before.
+  from ecdit_jax.data.tokenizer import prompt_warnings  # pylint: disable=import-outside-toplevel
+  from ecdit_jax.diffusion.samplers import sampling_timesteps  # pylint: disable=import-outside-toplevel
+  from ecdit_jax.eval import routing  # pylint: disable=import-outside-toplevel
+  from ecdit_jax.inference import images as images_lib  # pylint: disable=import-outside-toplevel
+  from ecdit_jax.inference import run as run_lib  # pylint: disable=import-outside-toplevel
+
+  prompts = (run_lib.read_prompts(FLAGS.prompts) if FLAGS.prompts
+             else _default_prompts(FLAGS.num_prompts))
+  run = run_lib.load_run(FLAGS.workdir, pretrained_overrides=pretrained_flags.overrides())
+  mc = run.model_config
+  if mc.moe_layout == "none":
+    raise ConfigError("the model has no MoE layer (config.model.moe_layout='none'): there is "
+                      "no routing to analyse")
+  steps = FLAGS.steps or run.config.sample.num_steps
+  cfg_scale = run.config.sample.cfg_scale if FLAGS.cfg_scale is None else FLAGS.cfg_scale
+  sampler = run_lib.make_run_sampler(run, num_steps=steps, cfg_scale=cfg_scale, method="euler",
+                                     capacity_factor=FLAGS.capacity_factor, record_routing=True)
+  for line in prompt_warnings(run.tokenizer, prompts, mc.text_max_len):
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+  tokens = run.tokenizer.encode_batch(prompts, mc.text_max_len)
+  print(f"sampling {len(prompts)} images, recording the experts of every token at each of "
+        f"{steps} steps", flush=True)
+  images, counts = sampler(run.params, tokens, run.null_tokens, FLAGS.seed)
+  images, counts = images_lib.to_uint8(images), np.asarray(counts)
+  # A latent token's patch covers f x f pixels per latent of the decoded image.
+  pixel_patch = mc.patch_size * (run.vae.downsample_factor if run.vae is not None else 1)
+  mask = routing.object_token_mask(images, pixel_patch)
+  images_lib.write_pngs(images, os.path.join(FLAGS.outdir, "images"))
+  _write_heatmaps(images, routing.token_maps(counts, mc.grid_size),
+                  os.path.join(FLAGS.outdir, "heatmaps"), mc.image_size * SCALE)
   np.save(os.path.join(FLAGS.outdir, "counts.npy"), counts)
-  times = np.asarray(sampling_timesteps(steps))
-  result = routing.summary(counts, mask, times, mc.moe_layer_indices)
+  result = routing.summary(counts, mask, np.asarray(sampling_timesteps(steps)),
+                           mc.moe_layer_indices)
   result.update(prompts=prompts, checkpoint_step=run.step, steps=steps, cfg_scale=cfg_scale,
                 seed=FLAGS.seed, capacity_factor=FLAGS.capacity_factor or mc.eval_capacity_factor)
   with open(os.path.join(FLAGS.outdir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
-  by_step = result["experts_per_token_by_step"]
-  _bar_chart(by_step, [f"{r['t']:.2f}" for r in by_step],
-             "experts per object / background token vs t (1 = noise)",
-             os.path.join(FLAGS.outdir, "compute_by_step.png"))
-  by_layer = result["experts_per_token_by_layer"]
-  _bar_chart(by_layer, [str(r["block"]) for r in by_layer],
-             "experts per object / background token vs block",
-             os.path.join(FLAGS.outdir, "compute_by_layer.png"))
+  _write_charts(result, FLAGS.outdir)
   ratio = result["object_over_background_compute"]
   print(f"{len(prompts)} images, {steps} steps: object/background compute "
         f"{'n/a' if ratio is None else f'{ratio:.3f}'}; written to {FLAGS.outdir}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

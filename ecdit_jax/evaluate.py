@@ -3,7 +3,7 @@ r"""Scores a trained run on GenEval-Shapes, and with FID and CLIP score.
   python -m ecdit_jax.evaluate --workdir=DIR --eval=geneval_shapes \
       [--num_per_category=100 --capacity_factors=1,2,4 --steps --cfg_scale --seed]
   python -m ecdit_jax.evaluate --workdir=DIR --eval=fid,clip \
-      --inception_weights=pt_inception-2015-12-05-6726825d.pth --clip_weights=CLIP_DIR \
+      --inception_weights=pt_inception-2015-12-05-6726825d.safetensors --clip_weights=CLIP_DIR \
       [--reference=tfds:NAME[:SPLIT] --reference_stats=STATS.npz --num_images=30000]
 
 Samples the standard prompt set (``num_per_category`` seeded prompts for each of the six
@@ -29,12 +29,13 @@ model.safetensors, vocab.json and merges.txt). Results go to
 """
 
 import json
-import os
 
-from absl import app, flags, logging
+from absl import flags
 from etils import epath
 
-from ecdit_jax import pretrained_flags
+from ecdit_jax import cli, pretrained_flags
+from ecdit_jax.errors import ConfigError
+from ecdit_jax.fileio import write_atomic
 from ecdit_jax.model.flops import format_flops, generation_flops_per_image
 
 FLAGS = flags.FLAGS
@@ -48,7 +49,8 @@ flags.DEFINE_integer("seed", 0, "Noise seed.")
 flags.DEFINE_integer("batch_size", 100, "Images per sampling batch.")
 flags.DEFINE_bool("use_ema", True, "Evaluate the EMA parameters.")
 flags.DEFINE_string("inception_weights", None,
-                    "FID: pytorch-fid's Inception weights file (pt_inception-2015-12-05-*.pth).")
+                    "FID: pytorch-fid's Inception weights converted to safetensors "
+                    "(python -m ecdit_jax.encoders.convert_torch pt_inception-2015-12-05-*.pth).")
 flags.DEFINE_string("clip_weights", None, "CLIP score: a Hugging Face format CLIP directory.")
 flags.DEFINE_string("reference", "", "FID/CLIP captions and real images: '' = the run's dataset "
                     "(test split), or tfds:NAME[:SPLIT].")
@@ -57,7 +59,8 @@ flags.DEFINE_string("reference_stats", None, "FID: .npz cache of the real images
 flags.DEFINE_string("data_dir", None, "TFDS data_dir of --reference (default: the run's).")
 flags.DEFINE_integer("num_images", 1000, "FID/CLIP: images generated (one per caption).")
 flags.DEFINE_string("mesh", "", "Sample on a device mesh, e.g. 'expert=2,fsdp=2' (axes left "
-                    "out are 1; data fills the rest). Empty: one device.")
+                    "out are 1; data fills the rest). Empty: one device (all devices of the job "
+                    "when it has several processes).")
 flags.mark_flags_as_required(["workdir"])
 
 SUPPORTED = ("geneval_shapes", "fid", "clip")
@@ -66,16 +69,21 @@ SUPPORTED = ("geneval_shapes", "fid", "clip")
 def evaluate_geneval_shapes(run, *, num_per_category, capacity_factor, steps, cfg_scale, seed,
                             batch_size):
   """Samples the standard prompts and scores them; returns the scorer's summary."""
-  from ecdit_jax.train.geneval import geneval_shapes_score
-  from ecdit_jax.train.inference import make_run_sampler, on_mesh
+  from ecdit_jax.inference import geneval, run as run_lib  # pylint: disable=import-outside-toplevel
 
-  sampler = make_run_sampler(run, num_steps=steps, cfg_scale=cfg_scale,
-                             method=run.config.sample.method, capacity_factor=capacity_factor)
-  with on_mesh(run):
-    return geneval_shapes_score(sampler, run.params, run.tokenizer, run.null_tokens,
-                                run.model_config.text_max_len,
-                                num_per_category=num_per_category, seed=seed,
-                                batch_size=batch_size)
+  sampler = run_lib.make_run_sampler(run, num_steps=steps, cfg_scale=cfg_scale,
+                                     method=run.config.sample.method,
+                                     capacity_factor=capacity_factor)
+  import jax  # pylint: disable=import-outside-toplevel
+
+  def progress(done, total):
+    if jax.process_index() == 0:
+      print(f"capacity factor {capacity_factor}: sampled {done} of {total} images", flush=True)
+
+  return geneval.geneval_shapes_score(sampler, run.params, run.tokenizer, run.null_tokens,
+                                      run.model_config.text_max_len,
+                                      num_per_category=num_per_category, seed=seed,
+                                      batch_size=batch_size, progress=progress)
 
 
 def flops_report(model_config, *, capacity_factor, num_steps, method) -> dict:
@@ -101,18 +109,18 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _write_json(name: str, payload: dict) -> str:
-  outdir = os.path.join(FLAGS.workdir, "eval")
-  os.makedirs(outdir, exist_ok=True)
-  path = os.path.join(outdir, name)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(path + ".tmp", path)
-  return path
+def _report(name: str, payload: dict, lines: list[str]) -> None:
+  """Writes WORKDIR/eval/NAME and prints ``lines``: in one process of a job (process 0)."""
+  import jax  # pylint: disable=import-outside-toplevel  (after joining the job)
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(FLAGS.workdir) / "eval" / name
+  write_atomic(path, json.dumps(payload, indent=2))
+  print("\n".join([*lines, f"wrote {path}"]), flush=True)
 
 
 def run_geneval_shapes(run, steps: int) -> None:
-  factors = [float(f) for f in FLAGS.capacity_factors] or [run.model_config.eval_capacity_factor]
+  factors = _capacity_factors() or [run.model_config.eval_capacity_factor]
   results = {}
   for factor in factors:
     results[factor] = evaluate_geneval_shapes(
@@ -124,78 +132,94 @@ def run_geneval_shapes(run, steps: int) -> None:
   # The name holds every setting, so a file is only ever replaced by the same evaluation.
   name = (f"geneval_shapes_step{run.step}_n{FLAGS.num_per_category}_seed{FLAGS.seed}_"
           f"f{'-'.join(str(f) for f in factors)}{'' if FLAGS.use_ema else '_raw'}.json")
-  path = _write_json(name, {"step": run.step, "use_ema": FLAGS.use_ema, "seed": FLAGS.seed,
-                            "num_per_category": FLAGS.num_per_category,
-                            "results": {str(k): v for k, v in results.items()}})
-  print(f"GenEval-Shapes, checkpoint step {run.step}, {FLAGS.num_per_category} prompts/category")
-  print(format_table(results))
-  print(f"wrote {path}")
+  payload = {"step": run.step, "use_ema": FLAGS.use_ema, "seed": FLAGS.seed,
+             "num_per_category": FLAGS.num_per_category,
+             "results": {str(k): v for k, v in results.items()}}
+  _report(name, payload, [f"GenEval-Shapes, checkpoint step {run.step}, "
+                          f"{FLAGS.num_per_category} prompts/category", format_table(results)])
 
 
 def run_fid_clip(run, steps: int, wanted: set[str]) -> None:
   """FID and/or CLIP score of ``--num_images`` images generated from the reference captions."""
-  from ecdit_jax.train import image_metrics
-  from ecdit_jax.train.inference import make_run_sampler, on_mesh
+  from ecdit_jax.inference import image_metrics  # pylint: disable=import-outside-toplevel
+  from ecdit_jax.inference.run import make_run_sampler  # pylint: disable=import-outside-toplevel
 
-  reference = image_metrics.reference_dataset(run.config, FLAGS.reference, FLAGS.data_dir)
+  reference = image_metrics.reference_dataset(run.config, FLAGS.reference, FLAGS.data_dir,
+                                              image_size=run.image_size)
   captions = image_metrics.reference_captions(reference, FLAGS.num_images)
   metric_models = {}
   if "fid" in wanted:
-    from ecdit_jax.eval import inception
+    from ecdit_jax.eval import inception  # pylint: disable=import-outside-toplevel
     feature_fn = inception.make_feature_fn(inception.load_fid_inception(FLAGS.inception_weights))
     metric_models.update(feature_fn=feature_fn, reference_stats=image_metrics.reference_statistics(
         reference, feature_fn, FLAGS.num_images, FLAGS.reference_stats, FLAGS.batch_size))
   if "clip" in wanted:
-    from ecdit_jax.encoders.clip import load_clip
-    from ecdit_jax.encoders.clip_tokenizer import load_clip_tokenizer
+    from ecdit_jax.encoders.clip import load_clip  # pylint: disable=import-outside-toplevel
+    from ecdit_jax.encoders.clip_tokenizer import load_clip_tokenizer  # pylint: disable=import-outside-toplevel
     metric_models.update(clip_model=load_clip(FLAGS.clip_weights),
                          clip_tokenizer=load_clip_tokenizer(FLAGS.clip_weights))
   cfg_scale = run.config.sample.cfg_scale if FLAGS.cfg_scale is None else FLAGS.cfg_scale
   sampler = make_run_sampler(run, num_steps=steps, cfg_scale=cfg_scale,
                              method=run.config.sample.method)
-  with on_mesh(run):
-    results = image_metrics.fid_and_clip(run, sampler, captions, seed=FLAGS.seed,
-                                         batch_size=FLAGS.batch_size, **metric_models)
+  results = image_metrics.fid_and_clip(run, sampler, captions, seed=FLAGS.seed,
+                                       batch_size=FLAGS.batch_size, **metric_models)
   metrics = "_".join(m for m in ("fid", "clip") if m in wanted)
   name = (f"{metrics}_step{run.step}_n{len(captions)}_seed{FLAGS.seed}_cfg{cfg_scale}"
           f"{'' if FLAGS.use_ema else '_raw'}.json")
-  path = _write_json(name, {"step": run.step, "use_ema": FLAGS.use_ema, "seed": FLAGS.seed,
-                            "steps": steps, "cfg_scale": cfg_scale,
-                            "reference": reference.description, **results})
-  print(f"checkpoint step {run.step}, {results['num_images']} images from the captions of "
-        f"{reference.description}, {steps} steps, guidance {cfg_scale}")
+  lines = [f"checkpoint step {run.step}, {results['num_images']} images from the captions of "
+           f"{reference.description}, {steps} steps, guidance {cfg_scale}"]
   if "fid" in results:
-    print(f"FID {results['fid']:.3f}")
+    lines.append(f"FID {results['fid']:.3f}")
   if "clip_score" in results:
-    print(f"CLIP score {results['clip_score']:.3f}")
-  print(f"wrote {path}")
+    lines.append(f"CLIP score {results['clip_score']:.3f}")
+  _report(name, {"step": run.step, "use_ema": FLAGS.use_ema, "seed": FLAGS.seed,
+                 "steps": steps, "cfg_scale": cfg_scale, "reference": reference.description,
+                 **results}, lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  wanted = set(FLAGS.eval)
+def _capacity_factors() -> list[float]:
+  try:
+    factors = [float(f) for f in FLAGS.capacity_factors]
+  except ValueError as e:
+    raise ConfigError(f"--capacity_factors={','.join(FLAGS.capacity_factors)}: not numbers "
+                      "(e.g. --capacity_factors=1,2,4)") from e
+  if any(f <= 0 for f in factors):
+    raise ConfigError(f"--capacity_factors={','.join(FLAGS.capacity_factors)} must be > 0")
+  return factors
+
+
+def _check_flags(wanted: set[str]) -> None:
+  """Flag mistakes fail here, before any model is loaded."""
   unknown = sorted(wanted - set(SUPPORTED))
   if unknown:
-    raise app.UsageError(f"--eval: unknown evaluation(s) {unknown}; available: {SUPPORTED}")
-  # Missing weights fail here, before any sampling.
+    raise ConfigError(f"--eval: unknown evaluation(s) {unknown}; available: {SUPPORTED}")
   for metric, flag in (("fid", "inception_weights"), ("clip", "clip_weights")):
     value = getattr(FLAGS, flag)
     if metric in wanted and not value:
-      raise app.UsageError(f"--eval={metric} needs --{flag}")
+      raise ConfigError(f"--eval={metric} needs --{flag}")
     if metric in wanted and not epath.Path(value).exists():
-      raise app.UsageError(f"--{flag}={value}: no such file or directory")
-  if FLAGS.num_images < 2:
-    raise app.UsageError(f"--num_images={FLAGS.num_images}: FID needs at least 2 images")
-  logging.set_verbosity(logging.WARNING)
-  from ecdit_jax.train import inference  # after flag parsing: keeps --help fast
+      raise ConfigError(f"--{flag}={value}: no such file or directory")
+  for flag in ("num_per_category", "batch_size", "num_images"):
+    if getattr(FLAGS, flag) < 1:
+      raise ConfigError(f"--{flag}={getattr(FLAGS, flag)} must be at least 1")
+  if wanted & {"fid", "clip"} and FLAGS.num_images < 2:
+    raise ConfigError(f"--num_images={FLAGS.num_images}: FID needs at least 2 images")
+  _capacity_factors()
 
-  try:
-    run = inference.load_run(FLAGS.workdir, use_ema=FLAGS.use_ema,
-                             mesh_sizes=inference.parse_mesh(FLAGS.mesh),
-                             pretrained_overrides=pretrained_flags.overrides())
-  except ValueError as e:  # a mesh that does not fit, missing pretrained weights
-    raise app.UsageError(str(e)) from e
+
+def main(argv):
+  del argv
+  wanted = set(FLAGS.eval)
+  _check_flags(wanted)
+  cli.start_processes()
+  # After joining the job: JAX's backends must not start before.
+  import jax  # pylint: disable=import-outside-toplevel
+  from ecdit_jax.inference import run as run_lib  # pylint: disable=import-outside-toplevel
+  from ecdit_jax.parallel.mesh import MeshConfig  # pylint: disable=import-outside-toplevel
+
+  mesh = MeshConfig.parse(FLAGS.mesh) or (MeshConfig() if jax.process_count() > 1 else None)
+  run = run_lib.load_run(FLAGS.workdir, use_ema=FLAGS.use_ema, mesh_config=mesh,
+                         pretrained_overrides=pretrained_flags.overrides())
   steps = FLAGS.steps or run.config.sample.num_steps
   if "geneval_shapes" in wanted:
     run_geneval_shapes(run, steps)
@@ -204,4 +228,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -24,14 +24,18 @@ from __future__ import annotations
 import concurrent.futures
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from ecdit_jax import cli
+from ecdit_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, "folder:DIR or tfds:NAME[:SPLIT].")
 flags.DEFINE_string("vae", None, "diffusers VAE directory (config.json + safetensors).")
 flags.DEFINE_string("out", None, "Output directory for the latent chunks.")
 flags.DEFINE_integer("image_size", 256, "Square image resolution fed to the VAE.")
-flags.DEFINE_integer("batch_size", 32, "Images per VAE call.")
+flags.DEFINE_integer("batch_size", None, "Images per VAE call (default: 32 on an accelerator, "
+                     "4 on a CPU, where large batches of 256 px images exhaust memory).")
 flags.DEFINE_integer("chunk_size", 1000, "Source records per ArrayRecord chunk.")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (tfds sources only).")
 flags.DEFINE_string("image_key", "image", "Image feature of a TFDS source.")
@@ -50,7 +54,7 @@ class FolderSource:
 
   def __init__(self, directory: str):
     if not os.path.isdir(directory):
-      raise ValueError(f"--source folder {directory} does not exist")
+      raise ConfigError(f"--source folder {directory} does not exist")
     names = sorted(n for n in os.listdir(directory) if n.lower().endswith(IMAGE_EXTENSIONS))
     self.paths = [os.path.join(directory, n) for n in names]
 
@@ -110,24 +114,24 @@ def parse_source(spec: str, *, data_dir: str | None, image_key: str, text_key: s
   if kind == "tfds" and rest:
     name, _, split = rest.partition(":")
     return TfdsSource(name, split or "train", data_dir or None, image_key, text_key)
-  raise ValueError(f"--source={spec} is neither folder:DIR nor tfds:NAME[:SPLIT]")
+  raise ConfigError(f"--source={spec} is neither folder:DIR nor tfds:NAME[:SPLIT]")
 
 
 def check_out_dir(out: str, expected: dict, process_count: int) -> None:
-  """Raises ValueError when ``out`` holds latents that the requested ones would not match."""
+  """Raises ConfigError when ``out`` holds latents that the requested ones would not match."""
   from ecdit_jax.data import latents as latent_format
 
   info = latent_format.read_info(out)
   if info is not None:
     for key in ("vae", "image_size", "source"):
       if info.get(key) != expected[key]:
-        raise ValueError(f"--{key}={expected[key]} differs from {key}={info.get(key)} of the "
-                         f"latents already in --out={out}; use another --out")
+        raise ConfigError(f"--{key}={expected[key]} differs from {key}={info.get(key)} of the "
+                          f"latents already in --out={out}; use another --out")
   suffix = f"-of-{process_count:05d}-"
   for path in latent_format.latent_files(out):
     if suffix not in os.path.basename(path):
-      raise ValueError(f"--out={out} holds chunks written by a different number of processes "
-                       f"({os.path.basename(path)}); resume with the same process count")
+      raise ConfigError(f"--out={out} holds chunks written by a different number of processes "
+                        f"({os.path.basename(path)}); resume with the same process count")
 
 
 def make_encoder(vae, batch_size: int, sample: bool, seed: int):
@@ -168,15 +172,13 @@ def make_encoder(vae, batch_size: int, sample: bool, seed: int):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv
   for name in ("image_size", "batch_size", "chunk_size"):
-    if getattr(FLAGS, name) <= 0:
-      raise app.UsageError(f"--{name} must be positive, got {getattr(FLAGS, name)}")
-  logging.set_verbosity(logging.WARNING)
-  import jax  # after flag parsing
+    if getattr(FLAGS, name) is not None and getattr(FLAGS, name) <= 0:
+      raise ConfigError(f"--{name} must be positive, got {getattr(FLAGS, name)}")
+  cli.start_processes()
+  import jax  # pylint: disable=import-outside-toplevel  (after joining the job)
   import numpy as np
-  import tqdm
 
   from ecdit_jax.data import latents as latent_format
   from ecdit_jax.encoders.vae import load_vae
@@ -184,18 +186,16 @@ def main(argv):
   process_index, process_count = jax.process_index(), jax.process_count()
   expected = {"vae": os.path.abspath(FLAGS.vae), "image_size": FLAGS.image_size,
               "source": FLAGS.source}
-  try:
-    check_out_dir(FLAGS.out, expected, process_count)
-    source = parse_source(FLAGS.source, data_dir=FLAGS.data_dir, image_key=FLAGS.image_key,
-                          text_key=FLAGS.text_key)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  check_out_dir(FLAGS.out, expected, process_count)
+  source = parse_source(FLAGS.source, data_dir=FLAGS.data_dir, image_key=FLAGS.image_key,
+                        text_key=FLAGS.text_key)
 
   vae = load_vae(FLAGS.vae)
   size = FLAGS.image_size
   latent_shape = jax.eval_shape(
       vae.latents_from_images, jax.ShapeDtypeStruct((1, size, size, 3), np.float32)).shape[1:]
-  encode = make_encoder(vae, FLAGS.batch_size, FLAGS.sample_latents, FLAGS.seed)
+  batch_size = FLAGS.batch_size or (4 if jax.default_backend() == "cpu" else 32)
+  encode = make_encoder(vae, batch_size, FLAGS.sample_latents, FLAGS.seed)
   info = dict(expected, latent_shape=list(latent_shape), dtype="float32", count=None,
               skipped=None, sample_latents=FLAGS.sample_latents, seed=FLAGS.seed,
               chunk_size=FLAGS.chunk_size, process_count=process_count)
@@ -222,7 +222,7 @@ def main(argv):
       return None
 
   with concurrent.futures.ThreadPoolExecutor(_LOADER_THREADS) as pool:
-    for chunk, indices in enumerate(tqdm.tqdm(chunks, desc="chunks", unit="chunk")):
+    for chunk, indices in enumerate(chunks):
       path = latent_format.chunk_path(FLAGS.out, process_index, process_count, chunk)
       if latent_format.chunk_done(path):  # resume: count what the completed chunk holds
         from array_record.python import array_record_data_source
@@ -233,14 +233,16 @@ def main(argv):
       items = [(i, item) for i, item in zip(indices, pool.map(load, indices)) if item]
       skipped += len(indices) - len(items)
       records = []
-      for start in range(0, len(items), FLAGS.batch_size):
-        batch = items[start:start + FLAGS.batch_size]
+      for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
         latents = encode(np.stack([image for _, (image, _) in batch]),
                          np.asarray([i for i, _ in batch], np.uint32))
         records += [latent_format.encode_record(latent, caption)
                     for latent, (_, (_, caption)) in zip(latents, batch)]
       latent_format.write_chunk(path, records)
       written += len(records)
+      print(f"chunk {chunk + 1} of {len(chunks)}: {written} records written, {skipped} skipped",
+            flush=True)
 
   if process_count > 1:
     from jax.experimental import multihost_utils
@@ -252,4 +254,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -20,6 +20,8 @@ torch = pytest.importorskip("torch")
 
 from ecdit_jax.data.latents import LatentSource, center_crop_resize, latent_files
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools: CI runs it, the fast lane skips it
+
 SIZE = 16
 # name -> (mode, (width, height)); captioned unless listed in NO_CAPTION.
 IMAGES = {"a.png": ("RGB", (20, 24)), "b.png": ("L", (16, 16)), "c.png": ("RGBA", (30, 20)),

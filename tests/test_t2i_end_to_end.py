@@ -19,10 +19,12 @@ from PIL import Image
 from ecdit_jax.data import geneval_shapes
 from ecdit_jax.encoders import random_init
 from ecdit_jax.encoders.vae import load_vae
-from ecdit_jax.model import ConfigError
-from ecdit_jax.train import inference
-from ecdit_jax.train.checkpoint import Checkpointer
-from ecdit_jax.train.sampling import to_uint8
+from ecdit_jax.checkpoint import Checkpointer
+from ecdit_jax.errors import ConfigError
+from ecdit_jax.inference import run as inference
+from ecdit_jax.inference.images import to_uint8
+
+pytestmark = pytest.mark.slow  # trains, or runs the tools: CI runs it, the fast lane skips it
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 32  # pixels; the random VAE halves it: 16x16x4 latents, as runlocal expects

@@ -1,6 +1,6 @@
 """GenEval-Shapes: procedurally drawn coloured shapes with compositional captions.
 
-The built-in, download-free text-to-image dataset (see the GenEval-Shapes spec in the docs).
+The built-in, download-free text-to-image dataset, described in docs/GENEVAL_SHAPES.md.
 Every image is a black square canvas with one to four filled circles, squares or isosceles
 triangles in a six-colour palette, drawn without anti-aliasing so that a deterministic detector
 can recover every object exactly. Each example belongs to one of the six GenEval categories and
@@ -148,9 +148,11 @@ def _place_objects(rng, image_size, specs) -> tuple[ShapeObject, ...] | None:
   return tuple(placed)
 
 
-def _relation_holds(relation: str, first: ShapeObject, second: ShapeObject, margin: float) -> bool:
-  """Whether ``first`` is ``relation`` ``second`` with at least ``margin`` between centroids."""
-  (ax, ay), (bx, by) = object_centroid(first), object_centroid(second)
+def relation_holds(relation: str, first: tuple[float, float], second: tuple[float, float],
+                   margin: float) -> bool:
+  """Whether the centroid ``first`` (x, y) is ``relation`` the centroid ``second``, by at least
+  ``margin`` pixels along that axis. The generator places objects by it; the scorer judges."""
+  (ax, ay), (bx, by) = first, second
   if relation == "to the left of":
     return bx - ax >= margin
   if relation == "to the right of":
@@ -223,7 +225,8 @@ def generate_example(
     objects = _place_objects(rng, image_size, specs)
     if objects is None:
       continue
-    if relation is not None and not _relation_holds(relation, objects[0], objects[1], margin):
+    if relation is not None and not relation_holds(relation, object_centroid(objects[0]),
+                                                   object_centroid(objects[1]), margin):
       continue
     return Example(render(objects, image_size), caption, category, objects)
   raise RuntimeError(

@@ -156,6 +156,10 @@ def prepare(
   builder = make_builder(
     data_dir, image_size=image_size, num_train=num_train, num_test=num_test, seed=seed
   )
+  if not builder.is_prepared():
+    print(f"generating GenEval-Shapes ({num_train} + {num_test} images of {image_size} px) "
+          f"under {data_dir}; later runs reuse it", flush=True)
+  tfds.disable_progress_bar()  # bars fill redirected logs with escape codes
   try:
     builder.download_and_prepare(
       file_format=FILE_FORMAT,

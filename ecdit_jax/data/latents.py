@@ -24,6 +24,8 @@ import numpy as np
 from flax import serialization
 from PIL import Image
 
+from ecdit_jax.fileio import write_atomic
+
 INFO_FILE = "info.json"
 DONE_SUFFIX = ".done"
 _CHUNK_RE = re.compile(r"^latents-\d{5}-of-\d{5}-\d{5}\.array_record$")
@@ -83,11 +85,7 @@ def read_info(directory: str) -> dict[str, Any] | None:
 
 
 def write_info(directory: str, info: dict[str, Any]) -> None:
-  # Written to a temporary name and renamed so that a reader never sees half a file.
-  path = os.path.join(directory, INFO_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(info, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  write_atomic(os.path.join(directory, INFO_FILE), json.dumps(info, indent=2, sort_keys=True))
 
 
 class LatentSource:

@@ -1,32 +1,40 @@
-"""grain input pipeline: random-access source -> shard -> shuffle -> decode + tokenize -> batch.
+"""Input pipeline: a random-access source -> decoded, tokenized batches in a global order.
 
 Works with any random-access source of dict records holding an image and a caption (a TFDS
 ``data_source``, ``builder.as_data_source(split)``, or any object with ``__len__``/``__getitem__``).
 The image is either pixels (uint8 RGB, scaled to [-1, 1] here) or precomputed VAE latents
 (float32 (S, S, C), already scaled by the VAE's factor: a ``data.latents.LatentSource``).
-Each JAX process reads a disjoint, strided shard of the records. The batch iterator is a
-``grain.DatasetIterator`` so its position can be checkpointed with ``get_state``/``set_state``
-(or grain's Orbax handler) and a resumed run sees exactly the batches an uninterrupted run would.
+
+The order of the records is global (``GlobalOrder``): each epoch is a permutation of the whole
+dataset drawn from (seed, epoch), global batch s holds positions s B .. (s + 1) B - 1 of that
+endless sequence, and process p of P takes rows p B / P .. (p + 1) B / P - 1 of each global
+batch. So the batches of a step depend on the step, the seed and the global batch size B, and
+not on how many processes read them: a run resumes at its step on any number of hosts, and the
+data position needs no checkpoint of its own.
 
 Bad records (unreadable, undecodable images, images or latents of the wrong shape, non-finite
-latents, empty or non-text captions) are skipped, never fatal; each batch reports how many were
-skipped while filling it.
+latents, empty or non-text captions) are never fatal: a position whose record is unusable takes
+the next usable record of the same epoch's order instead (a choice that depends only on the
+position, so it too is the same on any number of processes), and each batch counts the
+records replaced in it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import logging
+import sys
 
 import grain
-import jax
 import numpy as np
 from absl import flags
 from PIL import Image
 
+from ecdit_jax.data import batch as batch_keys
 from ecdit_jax.data.latents import center_crop_resize
 from ecdit_jax.data.tokenizer import Tokenizer
+
+MAX_REPLACEMENTS = 1000  # bad records in a row before a position gives up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,22 +42,6 @@ class Skipped:
   """Stands in for a record that cannot be used (a class, so no record key can imitate it)."""
 
   reason: str
-
-
-class _SkipOnErrorSource:
-  """Wraps a data source so that a record that cannot be read becomes a skip marker."""
-
-  def __init__(self, data_source):
-    self._source = data_source
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int):
-    try:
-      return self._source[index]
-    except Exception as error:  # noqa: BLE001 - any storage/decoding failure means "skip".
-      return Skipped(f"read failed: {type(error).__name__}: {error}")
 
 
 def decode_image(value, image_size: int, resize: bool = False) -> np.ndarray | None:
@@ -116,8 +108,8 @@ def scale_pixels(pixels: np.ndarray) -> np.ndarray:
   return pixels.astype(np.float32) / 127.5 - 1.0
 
 
-class _PreprocessRecord:
-  """Record -> {'image': float32, 'tokens': int32} or a skip marker (picklable).
+class Preprocess:
+  """Record -> {IMAGE: float32, TOKENS: int32} or a ``Skipped`` marker (picklable).
 
   The image is pixels scaled to [-1, 1] (kept uint8 without ``scale``), or with
   ``latent_channels`` a latent taken as it is.
@@ -142,8 +134,6 @@ class _PreprocessRecord:
     return image if image is None or not self._scale else scale_pixels(image)
 
   def __call__(self, record):
-    if isinstance(record, Skipped):
-      return record
     if not isinstance(record, dict):
       return Skipped(f"record is a {type(record).__name__}, not a dict")
     if self._image_key not in record or self._text_key not in record:
@@ -155,159 +145,124 @@ class _PreprocessRecord:
     if text is None:
       return Skipped("empty or non-text caption")
     tokens = self._tokenizer.encode_batch([text], self._max_text_len)[0]
-    return {"image": image, "tokens": tokens}
+    return {batch_keys.IMAGE: image, batch_keys.TOKENS: tokens}
 
 
-class SkipCountingBatchIterator(grain.DatasetIterator):
-  """Stacks ``batch_size`` valid elements per batch and counts the records skipped on the way.
+def _read(source, index: int):
+  """The record at ``index``, or a Skipped marker when the source fails to read it."""
+  try:
+    return source[index]
+  except Exception as error:  # noqa: BLE001 - any storage failure means "skip".
+    return Skipped(f"read failed: {type(error).__name__}: {error}")
 
-  A batch is only returned once it is full, so between batches nothing is buffered here and the
-  parent iterator's state alone pins the position: get_state/set_state simply delegate to it.
+
+@dataclasses.dataclass(frozen=True)
+class GlobalOrder:
+  """Which record each position of the endless training sequence reads (see the module doc)."""
+
+  num_records: int
+  seed: int
+  global_batch: int
+
+  def __post_init__(self):
+    if self.num_records < 1:
+      raise ValueError("the dataset holds no records")
+
+  def record(self, position: int) -> int:
+    """Record index at ``position``: a per-epoch permutation keyed by (seed, epoch)."""
+    epoch, index = divmod(position, self.num_records)
+    return grain.experimental.index_shuffle(
+        index, max_index=self.num_records - 1, seed=(self.seed + epoch) % 2**32, rounds=4)
+
+  def positions(self, step: int, process_index: int, process_count: int) -> range:
+    """The positions of this process's rows of global batch ``step``."""
+    if self.global_batch % process_count:
+      raise ValueError(f"the global batch of {self.global_batch} does not split over "
+                       f"{process_count} processes")
+    rows = self.global_batch // process_count
+    first = step * self.global_batch + process_index * rows
+    return range(first, first + rows)
+
+  def replacement(self, position: int, attempt: int) -> int:
+    """The record tried for ``position`` after ``attempt`` unusable ones: the next positions of
+    the same epoch, cyclically."""
+    epoch = position // self.num_records
+    index = (position + attempt) % self.num_records
+    return self.record(epoch * self.num_records + index)
+
+
+class _ProcessBatches:
+  """Random access to this process's batches: element s is its rows of global batch s."""
+
+  def __init__(self, source, preprocess: Preprocess, order: GlobalOrder, process_index: int,
+               process_count: int):
+    self._source, self._preprocess, self._order = source, preprocess, order
+    self._process = (process_index, process_count)
+
+  def __len__(self) -> int:
+    return sys.maxsize  # endless: steps run until the training loop stops
+
+  def _example(self, position: int) -> tuple[dict, int]:
+    for attempt in range(min(MAX_REPLACEMENTS, self._order.num_records)):
+      index = self._order.replacement(position, attempt)
+      record = _read(self._source, index)
+      example = record if isinstance(record, Skipped) else self._preprocess(record)
+      if not isinstance(example, Skipped):
+        return example, attempt
+    raise RuntimeError(f"{attempt + 1} consecutive unusable records from position {position}; "
+                       f"last: {example.reason}")
+
+  def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+    examples, replaced = [], 0
+    for position in self._order.positions(step, *self._process):
+      example, attempts = self._example(position)
+      examples.append(example)
+      replaced += attempts
+    out = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+    out[batch_keys.NUM_SKIPPED] = np.int32(replaced)
+    return out
+
+
+def make_batches(source, preprocess: Preprocess, *, order: GlobalOrder, process_index: int,
+                 process_count: int, start_step: int = 0, worker_count: int = 0,
+                 read_threads: int = 4):
+  """This process's batches from global step ``start_step`` on: {IMAGE, TOKENS, NUM_SKIPPED}.
+
+  ``worker_count > 0`` decodes in that many worker processes (whole batches each, handed back
+  in step order), ``read_threads`` batches at a time otherwise; either way the batches are the
+  same. Close the iterator (``close()``) to stop the workers.
   """
-
-  def __init__(self, parent, batch_size: int, drop_remainder: bool, max_consecutive_skips: int):
-    super().__init__(parent)
-    self._batch_size = batch_size
-    self._drop_remainder = drop_remainder
-    # Guards an endless loop on a repeated source in which no record is usable.
-    self._max_consecutive_skips = max_consecutive_skips
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    images, tokens = [], []
-    num_skipped = consecutive_skips = 0
-    while len(images) < self._batch_size:
-      try:
-        element = next(self._parent)
-      except StopIteration:
-        if images and not self._drop_remainder:
-          break
-        raise
-      if isinstance(element, Skipped):
-        num_skipped += 1
-        consecutive_skips += 1
-        logging.debug("skipping record: %s", element.reason)
-        if consecutive_skips > self._max_consecutive_skips:
-          raise RuntimeError(
-            f"{consecutive_skips} consecutive unusable records; last: {element.reason}"
-          )
-        continue
-      consecutive_skips = 0
-      images.append(element["image"])
-      tokens.append(element["tokens"])
-    return {
-      "image": np.stack(images),
-      "tokens": np.stack(tokens),
-      "num_skipped": np.int32(num_skipped),
-    }
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
-
-
-class SkipCountingBatch(grain.IterDataset):
-  """The dataset of ``SkipCountingBatchIterator`` batches.
-
-  A dataset rather than only an iterator so that worker processes (``mp_prefetch``) build whole
-  batches: handing each record to the main process separately costs more than decoding it.
-  """
-
-  def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool,
-               max_consecutive_skips: int):
-    super().__init__(parent)
-    self._batch_size = batch_size
-    self._drop_remainder = drop_remainder
-    self._max_consecutive_skips = max_consecutive_skips
-
-  def __iter__(self) -> SkipCountingBatchIterator:
-    return SkipCountingBatchIterator(iter(self._parent), self._batch_size, self._drop_remainder,
-                                     self._max_consecutive_skips)
-
-
-def process_shard() -> tuple[int, int]:
-  """(index, count) of this process's shard of a dataset: one shard per JAX process."""
-  return jax.process_index(), jax.process_count()
-
-
-def make_dataset_iterator(
-  data_source,
-  *,
-  tokenizer: Tokenizer,
-  batch_size: int,
-  image_size: int,
-  max_text_len: int,
-  seed: int,
-  image_key: str = "image",
-  text_key: str = "caption",
-  shuffle: bool = True,
-  num_epochs: int | None = None,
-  worker_count: int = 0,
-  drop_remainder: bool = True,
-  read_threads: int = 4,
-  shard_index: int | None = None,
-  shard_count: int | None = None,
-  latent_channels: int | None = None,
-  resize_images: bool = False,
-  scale_images: bool = True,
-) -> grain.DatasetIterator:
-  """Batches of this process's shard: {'image' (B,H,W,C) f32 in [-1,1], 'tokens' (B,L) i32,
-  'num_skipped' i32}.
-
-  ``latent_channels`` reads the image feature as float latents of shape (image_size,
-  image_size, latent_channels), unscaled; None reads uint8 RGB pixels, which ``resize_images``
-  center-crops and resizes to image_size (else other sizes are bad records), and
-  ``scale_images=False`` leaves as uint8 instead of scaling to [-1, 1]. ``tokenizer`` is any
-  object with ``encode_batch(texts, max_len) -> int32 (N, max_len)``.
-
-  ``batch_size`` is per process. ``num_epochs=None`` repeats forever (training), 1 is a single
-  pass (eval). Each epoch is shuffled differently but deterministically from ``seed``.
-  ``worker_count > 0`` decodes and batches in that many worker processes (worker w takes
-  records w, w + n, ... of the shuffled shard, so batches hold other records than with no
-  workers, equally deterministic); resume a checkpointed state with the same ``worker_count``.
-  ``shard_index``/``shard_count`` default to the JAX process index/count. Shards are strided (record ``i`` goes to shard ``i % shard_count``), so their
-  sizes differ by at most one record; in a one-pass multi-process eval the shards may therefore
-  yield different numbers of batches.
-  """
-  if batch_size < 1 or max_text_len < 1:
-    raise ValueError("batch_size and max_text_len must be positive")
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs must be None or positive, got {num_epochs}")
-  if (shard_index is None) != (shard_count is None):
-    raise ValueError("give both shard_index and shard_count, or neither")
-  if shard_index is None:
-    shard_index, shard_count = process_shard()
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} out of range for {shard_count} shards")
-
-  dataset = grain.MapDataset.source(_SkipOnErrorSource(data_source))
-  # Shard before shuffling so that the shards stay disjoint in every epoch.
-  dataset = dataset[shard_index::shard_count]
-  shard_len = len(dataset)
-  if shard_len == 0:
-    raise ValueError(f"shard {shard_index} of {shard_count} is empty ({len(data_source)} records)")
-  if shuffle:
-    dataset = dataset.shuffle(seed=seed)
-  if num_epochs != 1:
-    dataset = dataset.repeat(num_epochs)
-  dataset = dataset.map(_PreprocessRecord(tokenizer, image_size, max_text_len, image_key, text_key,
-                                          latent_channels, resize_images, scale_images))
-  iter_dataset = dataset.to_iter_dataset(
-    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, 16))
-  )
-  # Unusable records at the end of one epoch and the start of the next can run together, so
-  # only more than two shards' worth in a row proves that the shard has no usable record.
-  batches = SkipCountingBatch(iter_dataset, batch_size, drop_remainder,
-                              max_consecutive_skips=2 * shard_len)
+  dataset = grain.MapDataset.source(
+      _ProcessBatches(source, preprocess, order, process_index, process_count))[start_step:]
+  batches = dataset.to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
   if worker_count > 0:
     # grain's worker processes read absl flags; outside absl.app.run (tests, notebooks) they
     # are unparsed, and reading them would raise. Defaults are what we want there.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    # Worker w batches records w, w + n, ... of the shuffled shard; batches come round-robin.
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(batches)
+
+
+def read_in_order(source, preprocess: Preprocess, *, shard_index: int = 0, shard_count: int = 1,
+                  chunk: int = 1024):
+  """One pass over the records ``shard_index::shard_count`` in order, as (usable examples of
+  the next ``chunk`` records stacked, records skipped among them), for caches and evaluations.
+  Chunks may hold fewer examples, or none."""
+  indices = range(shard_index, len(source), shard_count)
+  for start in range(0, len(indices), chunk):
+    examples, skipped = [], 0
+    for index in indices[start:start + chunk]:
+      record = _read(source, index)
+      example = record if isinstance(record, Skipped) else preprocess(record)
+      if isinstance(example, Skipped):
+        skipped += 1
+      else:
+        examples.append(example)
+    stacked = ({key: np.stack([e[key] for e in examples]) for key in examples[0]}
+               if examples else {})
+    yield stacked, skipped
 
 
 def read_captions(data_source, text_key: str = "caption") -> list[str]:
@@ -316,9 +271,8 @@ def read_captions(data_source, text_key: str = "caption") -> list[str]:
   Reads whole records, images included; meant for datasets of modest size.
   """
   captions = []
-  source = _SkipOnErrorSource(data_source)
-  for index in range(len(source)):
-    record = source[index]
+  for index in range(len(data_source)):
+    record = _read(data_source, index)
     if isinstance(record, dict):
       text = decode_text(record.get(text_key))
       if text is not None:

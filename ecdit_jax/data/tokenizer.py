@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 from etils import epath
+
+from ecdit_jax.fileio import write_atomic
 
 PAD_ID = 0
 EOS_ID = 1
@@ -64,17 +65,11 @@ class Tokenizer:
     return list(self._processor.encode(text))
 
   def encode_batch(self, texts: Sequence[str], max_len: int) -> np.ndarray:
-    """int32 (N, max_len): ids, then eos, then pad; too-long texts are cut before the eos."""
-    if max_len < 1:
-      raise ValueError(f"max_len must be at least 1 (room for eos), got {max_len}")
-    tokens = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
+    """int32 (N, max_len): each text's ids laid out by ``pad_ids``."""
     # One string at a time: sentencepiece's list form starts a thread pool per call, which
-    # costs ~0.1 ms on 2 cores and ~1 ms on 16, against ~2 us for a short caption alone.
-    for row, text in enumerate(texts):
-      ids = self._processor.encode(text)
-      ids = list(ids[: max_len - 1]) + [self.eos_id]
-      tokens[row, : len(ids)] = ids
-    return tokens
+    # costs far more than encoding a short caption.
+    return np.stack([pad_ids(self._processor.encode(text), max_len, self.eos_id, self.pad_id)
+                     for text in texts]) if texts else np.zeros((0, max_len), np.int32)
 
   def decode(self, ids) -> str:
     """Text of a sequence of ids; stops at the first eos and ignores padding."""
@@ -84,25 +79,48 @@ class Tokenizer:
     return self._processor.decode([i for i in ids if i != self.pad_id])
 
 
+def pad_ids(ids: Sequence[int], max_len: int, eos_id: int = EOS_ID,
+            pad_id: int = PAD_ID) -> np.ndarray:
+  """int32 (max_len,): the ids, then eos, then padding; too-long texts are cut before the eos.
+  ``pad_ids([], L)`` is the empty caption of a T5-style vocabulary."""
+  if max_len < 1:
+    raise ValueError(f"max_len must be at least 1 (room for eos), got {max_len}")
+  out = np.full((max_len,), pad_id, dtype=np.int32)
+  kept = list(ids[: max_len - 1]) + [eos_id]
+  out[: len(kept)] = kept
+  return out
+
+
+def null_tokens(tokenizer, max_len: int) -> np.ndarray:
+  """The empty caption as ``tokenizer`` encodes it ([eos, pad, ...] for T5-style vocabularies):
+  the unconditional input of classifier-free guidance."""
+  return np.asarray(tokenizer.encode_batch([""], max_len)[0])
+
+
+def prompt_warnings(tokenizer, texts: Sequence[str], max_len: int) -> list[str]:
+  """What tokenizing ``texts`` to ``max_len`` tokens changes about them, one line each: prompts
+  cut to fit, and characters the vocabulary lacks (they become one unknown token). Tokenizers
+  without ``encode`` (CLIP's byte-level BPE knows every character) are not checked."""
+  encode, unk = getattr(tokenizer, "encode", None), getattr(tokenizer, "unk_id", None)
+  if encode is None:
+    return []
+  lines = []
+  for number, text in enumerate(texts, start=1):
+    ids = encode(text)
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    if len(ids) > max_len - 1:
+      lines.append(f"prompt {number} is cut to its first {max_len - 1} of {len(ids)} tokens "
+                   f"(text_max_len={max_len}, eos included): {shown!r}")
+    if unk is not None and unk in ids:
+      lines.append(f"prompt {number} holds characters the tokenizer does not know, each run of "
+                   f"them read as one unknown token: {shown!r}")
+  return lines
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """Loads a ``.model`` file (e.g. T5's ``spiece.model`` or one written by ``train_tokenizer``)."""
   # epath reads local files and bucket URLs (gs://) alike.
   return Tokenizer(epath.Path(path).read_bytes())
-
-
-def _write_atomically(path: str | os.PathLike, data: bytes) -> None:
-  # Several processes may train the same model at once; readers must never see a partial file.
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_tokenizer_")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
 
 
 def train_tokenizer(
@@ -139,7 +157,7 @@ def train_tokenizer(
     shuffle_input_sentence=False,
     minloglevel=2,
   )
-  _write_atomically(model_path, model.getvalue())
+  write_atomic(model_path, model.getvalue())
   return Tokenizer(model.getvalue())
 
 
@@ -154,9 +172,9 @@ def get_or_train_tokenizer(
   ``captions_fn`` is called only when a model has to be trained.
   """
   if path_or_none:
-    if not os.path.exists(path_or_none):
+    if not epath.Path(path_or_none).exists():
       raise FileNotFoundError(f"tokenizer model {path_or_none} does not exist")
     return load_tokenizer(path_or_none)
-  if os.path.exists(cache_path):
+  if epath.Path(cache_path).exists():
     return load_tokenizer(cache_path)
   return train_tokenizer(captions_fn(), cache_path, vocab_size)

@@ -1,14 +1,8 @@
-"""MaskDiT-style token masking and the patch layout it operates on.
+"""MaskDiT-style token masking: which tokens each image keeps, and gathering them.
 
-Training on a random subset of image tokens (MaskDiT; EC-DiT uses a mask
-ratio of 0.5) roughly halves the transformer cost per step. The helpers here
-choose which tokens each image keeps, gather them, and convert between images
-and token sequences.
-
-Patch layout (defined once, in ``ecdit_jax.model.layers``): an image of shape
-``(H, W, C)`` with patch size ``p`` becomes ``N = (H/p) * (W/p)`` tokens;
-patch ``(i, j)`` (row ``i``, column ``j``) is token ``i * (W/p) + j`` and its
-``p * p * C`` features are ordered ``(dy, dx, c)``, i.e. channel fastest.
+Training on a random subset of image tokens (MaskDiT; EC-DiT uses a mask ratio of 0.5) roughly
+halves the transformer cost per step. Tokens are patches in the layout of
+``ecdit_jax.model.layers.patchify``.
 """
 
 from __future__ import annotations
@@ -18,18 +12,6 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-
-from ecdit_jax.model.layers import patchify, unpatchify
-
-__all__ = [
-  "num_kept_tokens",
-  "random_keep_indices",
-  "gather_tokens",
-  "keep_mask",
-  "scatter_tokens",
-  "patchify",
-  "unpatchify",
-]
 
 
 def num_kept_tokens(num_tokens: int, mask_ratio: float) -> int:
@@ -76,29 +58,3 @@ def gather_tokens(x: jax.Array, keep_idx: jax.Array) -> jax.Array:
   ``out[b, k] = x[b, keep_idx[b, k]]``.
   """
   return jax.vmap(lambda row, idx: jnp.take(row, idx, axis=0))(x, keep_idx)
-
-
-def keep_mask(keep_idx: jax.Array, num_tokens: int) -> jax.Array:
-  """Boolean ``(B, num_tokens)`` mask that is ``True`` at the kept token positions.
-
-  Useful as the ``weights`` of the flow-matching loss when the model emits
-  the full token sequence but only kept tokens should be supervised.
-  """
-  batch_index = jnp.arange(keep_idx.shape[0])[:, None]
-  return jnp.zeros((keep_idx.shape[0], num_tokens), dtype=bool).at[batch_index, keep_idx].set(True)
-
-
-def scatter_tokens(
-  kept: jax.Array, keep_idx: jax.Array, num_tokens: int, fill_value=0
-) -> jax.Array:
-  """Inverse of :func:`gather_tokens`: places ``kept`` ``(B, K, ...)`` back into ``(B, N, ...)``.
-
-  Positions that were dropped are set to ``fill_value`` (a scalar, or an
-  array broadcastable to one token's trailing shape, e.g. a learned mask token).
-  """
-  batch_size = kept.shape[0]
-  full = jnp.broadcast_to(
-    jnp.asarray(fill_value, dtype=kept.dtype), (batch_size, num_tokens) + kept.shape[2:]
-  )
-  batch_index = jnp.arange(batch_size)[:, None]
-  return full.at[batch_index, keep_idx].set(kept)

@@ -67,41 +67,9 @@ def velocity_target(x0: jax.Array, noise: jax.Array) -> jax.Array:
   return noise.astype(x0.dtype) - x0
 
 
-def flow_matching_loss(pred: jax.Array, target: jax.Array, weights=None) -> jax.Array:
-  """Mean squared error between predicted and target velocities, as a float32 scalar.
-
-  Without ``weights`` this is the plain mean of ``(pred - target) ** 2`` over
-  every element.
-
-  With ``weights`` (e.g. a ``(B, N)`` or ``(B, N, 1)`` keep-mask over tokens
-  of a ``(B, N, D)`` prediction) the weights are aligned with the *leading*
-  axes of ``pred`` (trailing singleton axes are appended, then broadcast) and
-
-      loss = sum(w * (pred - target) ** 2) / sum(broadcast(w))
-
-  where ``broadcast(w)`` is ``w`` expanded to the full shape of ``pred``. For
-  a 0/1 mask this is exactly the mean over the elements of the kept tokens
-  (each kept token contributes its ``D`` feature elements), and all-ones
-  weights reproduce the unweighted mean. If every weight is zero the loss is
-  0 rather than NaN.
-  """
-  squared_error = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
-  if weights is None:
-    return jnp.mean(squared_error)
-  weights = jnp.asarray(weights, dtype=jnp.float32)
-  if weights.ndim > squared_error.ndim:
-    raise ValueError(
-      f"weights has rank {weights.ndim} but pred has rank {squared_error.ndim}; "
-      "weights must align with the leading axes of pred"
-    )
-  # Align on leading axes (batch, token) rather than numpy's trailing-axis rule,
-  # so a (B, N) token mask applies to every feature of each token.
-  weights = weights.reshape(weights.shape + (1,) * (squared_error.ndim - weights.ndim))
-  weights = jnp.broadcast_to(weights, squared_error.shape)
-  total_weight = jnp.sum(weights)
-  weighted_sum = jnp.sum(weights * squared_error)
-  # The guard keeps an all-masked batch from producing NaN gradients.
-  return jnp.where(total_weight > 0, weighted_sum / jnp.maximum(total_weight, 1e-12), 0.0)
+def flow_matching_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """Mean squared error between predicted and target velocities, as a float32 scalar."""
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 
 
 def caption_drop_mask(rng, batch_size: int, drop_prob: float) -> jax.Array:

@@ -315,9 +315,10 @@ def load_clip(model_dir: str | os.PathLike, *,
               precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST) -> ClipModel:
   """A ``ClipModel`` from a Hugging Face ``CLIPModel`` directory (config.json + weights).
 
-  The weights are ``model.safetensors`` or, failing that, ``pytorch_model.bin`` (either may be
-  sharded). Weights are cast to float32. Keys the model does not use are ignored; a missing key
-  or one of the wrong shape raises, naming the key and the file.
+  The weights are ``model.safetensors`` (possibly sharded); a directory with only PyTorch
+  ``pytorch_model.bin`` files is refused, naming ``encoders/convert_torch.py``. Weights are
+  cast to float32. Keys the model does not use are ignored; a missing key or one of the wrong
+  shape raises, naming the key and the file.
   """
   model_dir = os.fspath(model_dir)
   config = ClipConfig.from_json_file(config_file(model_dir, "CLIP"))

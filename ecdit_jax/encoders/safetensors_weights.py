@@ -4,10 +4,10 @@ The encoders in this package name their submodules after the checkpoint's keys, 
 parameter's path in the module tree is its key (``kernel``/``scale``/``embedding`` stored as
 ``weight``). ``load_parameters`` walks an abstract module, reads each tensor from a reader,
 checks its shape, converts the PyTorch layout and returns the filled module; ``save_parameters``
-is its inverse. ``open_checkpoint`` picks the reader: safetensors files are read one tensor at a
-time and only from the shards that hold wanted keys, so a checkpoint with parts the module does
-not use (a T5 decoder, say) is never read whole; PyTorch ``.bin`` files (pickles) can only be
-read a whole file at a time, and are used only where no safetensors exist.
+is its inverse. ``open_checkpoint`` reads safetensors files one tensor at a time and only from
+the shards that hold wanted keys, so a checkpoint with parts the module does not use (a T5
+decoder, say) is never read whole. PyTorch ``.bin`` files are pickles and are never read:
+``encoders/convert_torch.py`` turns them into safetensors once.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ecdit_jax.encoders.torch_checkpoint import load_torch_state_dict
+from ecdit_jax.errors import ConfigError
 
 _STORED_AS_WEIGHT = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
@@ -166,55 +166,25 @@ class SafetensorsReader(CheckpointReader):
     self._stack.close()
 
 
-class TorchBinReader(CheckpointReader):
-  """Tensors of ``torch.save`` state dicts (``pytorch_model.bin`` and its shards), without torch.
-
-  A pickled file cannot be read one tensor at a time, so a shard is read whole when one of its
-  tensors is first wanted (a single file at once, to list its keys). Each tensor is handed out
-  once and then dropped from memory, so that loading holds little more than the unread rest of
-  the shards opened so far; reading a key again reads its shard again.
-  """
-
-  def __init__(self, model_dir: str | os.PathLike,
-               names: Sequence[str] = ("pytorch_model.bin",)):
-    self._loaded: dict[str, dict[str, np.ndarray]] = {}
-    super().__init__(model_dir, names)
-
-  def _load(self, file: str) -> dict[str, np.ndarray]:
-    _shard_must_exist(file)
-    self._loaded[file] = load_torch_state_dict(file)
-    return self._loaded[file]
-
-  def _keys_of_single_file(self, file: str) -> Sequence[str]:
-    return list(self._load(file))
-
-  def read(self, key: str) -> np.ndarray:
-    file = self._file_of[key]
-    tensors = self._loaded.get(file)
-    if tensors is None or key not in tensors:
-      tensors = self._load(file)
-      if key not in tensors:
-        raise self._missing_from_shard(key)
-    return tensors.pop(key)
-
-  def close(self):
-    self._loaded.clear()
-
-
 def open_checkpoint(model_dir: str | os.PathLike,
                     safetensors_names: Sequence[str] = ("model.safetensors",),
                     bin_names: Sequence[str] = ("pytorch_model.bin",)) -> CheckpointReader:
-  """A reader of the weights in ``model_dir``: safetensors if present, else PyTorch ``.bin``.
+  """A reader of the safetensors weights in ``model_dir``.
 
-  Each name is looked for as a single file and as a sharded ``<name>.index.json``, in order;
-  any safetensors name wins over every ``.bin`` name, since safetensors files load lazily and
-  unpickle nothing. Raises FileNotFoundError listing every name looked for.
+  Each name is looked for as a single file and as a sharded ``<name>.index.json``, in order.
+  PyTorch ``.bin`` files (``bin_names``) are pickles and are not read: a directory that holds
+  only those raises ConfigError naming the one-off converter; one with neither raises
+  FileNotFoundError listing every name looked for.
   """
   model_dir = os.fspath(model_dir)
   if _locate(model_dir, safetensors_names):
     return SafetensorsReader(model_dir, safetensors_names)
-  if _locate(model_dir, bin_names):
-    return TorchBinReader(model_dir, bin_names)
+  found = _locate(model_dir, bin_names)
+  if found:
+    raise ConfigError(
+        f"{model_dir} holds PyTorch weights ({os.path.basename(found[0])}), which are pickles "
+        f"and are not read at run time; convert them once to safetensors with "
+        f"`python -m ecdit_jax.encoders.convert_torch {model_dir}` (needs torch)")
   names = (*safetensors_names, *bin_names)
   raise FileNotFoundError(f"no {_weight_files(names)} in {model_dir}")
 

@@ -292,10 +292,11 @@ def load_t5_encoder(model_dir: str | os.PathLike, *,
                     ) -> T5Encoder:
   """A ``T5Encoder`` from a Hugging Face T5 directory (config.json + weights).
 
-  The weights are ``model.safetensors`` or, failing that, ``pytorch_model.bin`` (either may be
-  sharded). Reads ``T5EncoderModel`` and full ``T5ForConditionalGeneration`` checkpoints alike
-  (decoder tensors are never converted). Weights are cast to float32. A missing key or one of
-  the wrong shape raises, naming the key and the file.
+  The weights are ``model.safetensors`` (possibly sharded); a directory with only PyTorch
+  ``pytorch_model.bin`` files is refused, naming ``encoders/convert_torch.py``. Reads
+  ``T5EncoderModel`` and full ``T5ForConditionalGeneration`` checkpoints alike (decoder tensors
+  are never converted). Weights are cast to float32. A missing key or one of the wrong shape
+  raises, naming the key and the file.
   """
   model_dir = os.fspath(model_dir)
   config = T5Config.from_json_file(config_file(model_dir, "T5"))

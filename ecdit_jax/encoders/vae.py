@@ -38,7 +38,7 @@ LOGVAR_RANGE = (-30.0, 20.0)
 # Weight files in order of preference: diffusers' name first, then the generic one; PyTorch
 # pickles only where no safetensors file exists.
 WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-BIN_WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+BIN_WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")  # refused
 # Checkpoints saved before diffusers renamed its attention layers use these names; diffusers
 # renames them on load, and so do we.
 LEGACY_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -194,9 +194,9 @@ def load_vae(model_dir: str | os.PathLike, *,
   """An ``AutoencoderKL`` from a diffusers VAE directory (config.json + weights).
 
   The directory is the ``vae`` folder of a pipeline, or a standalone VAE. The weights are
-  safetensors or, failing that, PyTorch ``.bin`` files (either may be sharded). Weights are cast
-  to float32. Keys the model does not use are ignored; a missing key or one of the wrong shape
-  raises, naming the key and the file.
+  safetensors (possibly sharded); PyTorch ``.bin`` files are refused, naming
+  ``encoders/convert_torch.py``. Weights are cast to float32. Keys the model does not use are
+  ignored; a missing key or one of the wrong shape raises, naming the key and the file.
   """
   model_dir = os.fspath(model_dir)
   config = AutoencoderKLConfig.from_json_file(config_file(model_dir, "VAE"))

@@ -1,1 +1,1 @@
-"""Evaluation of generated images (GenEval-Shapes scorer)."""
+"""Scoring generated images: the GenEval-Shapes scorer, FID, CLIP score, routing statistics."""

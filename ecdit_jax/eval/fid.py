@@ -19,6 +19,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from ecdit_jax.fileio import write_atomic
+
 FeatureFn = Callable[[np.ndarray], np.ndarray]
 
 
@@ -67,13 +69,11 @@ class FeatureStats:
     return self._shift + centred_mean, (cov + cov.T) / 2
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes ``mu``, ``sigma`` and ``count`` to an ``.npz`` file."""
+    """Writes ``mu``, ``sigma`` and ``count`` to an ``.npz`` file, whole or not at all."""
     mu, sigma = self.mean_and_cov()
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, mu=mu, sigma=sigma, count=np.int64(self.count))
-    path.write_bytes(buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> FeatureStats:

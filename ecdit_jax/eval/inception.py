@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
+from safetensors import numpy as safetensors_numpy
 
-from ecdit_jax.encoders.torch_checkpoint import load_torch_state_dict
+from ecdit_jax.errors import ConfigError
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
@@ -268,18 +269,24 @@ def _weight_entries(conv: BasicConv2d) -> dict[str, tuple[tuple[int, ...], nnx.V
 
 
 def load_fid_inception(path: str | os.PathLike) -> FIDInceptionV3:
-  """The FID Inception with the weights of a pytorch-fid weights file (its state dict).
+  """The FID Inception with pytorch-fid's weights, converted to safetensors (its state dict).
 
   Every tensor the network needs must be in the file with the shape of the FID model; the first
-  that is missing or differs is named in a ValueError. Reads the file without torch.
+  that is missing or differs is named in a ValueError. The ``.pth`` file itself is a pickle and
+  is not read: convert it once with ``python -m ecdit_jax.encoders.convert_torch FILE.pth``.
   """
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(
         f"FID Inception weights not found at {os.fspath(path)}. The standard file is "
         f"{WEIGHTS_FILENAME}, published with the pytorch-fid release 'fid_weights' "
-        f"({WEIGHTS_URL}); download it and pass its path.")
-  weights = load_torch_state_dict(path)
+        f"({WEIGHTS_URL}); download it, convert it once with `python -m "
+        f"ecdit_jax.encoders.convert_torch FILE.pth` and pass the .safetensors file.")
+  if path.suffix != ".safetensors":
+    raise ConfigError(f"{os.fspath(path)} is a PyTorch pickle; convert it once with `python -m "
+                      f"ecdit_jax.encoders.convert_torch {os.fspath(path)}` and pass the "
+                      ".safetensors file it writes")
+  weights = safetensors_numpy.load(path.read_bytes())
   for key, shape in _CLASSIFIER_SHAPES.items():
     _check_entry(weights, key, shape, path)
   # Shapes only: every variable is replaced by the file's value below.

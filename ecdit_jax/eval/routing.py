@@ -1,63 +1,18 @@
 """Where expert choice spends compute: experts per image token, by sampling step and MoE layer.
 
-``record_routing`` runs the same Euler sampler as generation (classifier-free guidance, the
-conditional and unconditional halves in one batch) step by step and keeps, from the conditional
-half, how many experts processed each token in each MoE layer. ``object_token_mask`` marks the
-tokens whose patch holds object pixels (GenEval-Shapes palette segmentation of the final image),
-so ``object_background_ratio`` compares compute on objects with compute on background (the paper
-reports that objects get more).
+The counts come from the sampler itself (``inference.sampler.make_sampler(...,
+record_routing=True)``): (steps, MoE layers, images, tokens) experts per token of the
+conditional half. ``object_token_mask`` marks the tokens whose patch holds object pixels
+(GenEval-Shapes palette segmentation of the final image), so ``object_background_ratio``
+compares compute on objects with compute on background (the paper reports that objects get
+more).
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from ecdit_jax.diffusion.samplers import sampling_timesteps
 from ecdit_jax.eval import geneval_shapes as scorer
-
-
-def record_routing(graphdef, params, tokens, null_tokens, noise, *, num_steps: int,
-                   cfg_scale: float, capacity_factor: float | None = None, text_encoder=None):
-  """Returns (images (B, H, W, C) float32, counts (steps, moe_layers, B, S) int32).
-
-  ``text_encoder`` (with ``encode(params, tokens) -> (context, lengths)`` and ``params``, e.g. a
-  frozen pretrained encoder) encodes the prompts of a model without its own text encoder.
-  """
-
-  @jax.jit
-  def velocity_and_counts(params, x, t, context, lengths):
-    model = nnx.merge(graphdef, params)
-    velocity, aux = model.dit(x, t, context, lengths, train=False,
-                              capacity_factor=capacity_factor)
-    if "token_counts" not in aux:
-      raise ValueError("the model has no MoE layer: there is no routing to analyse")
-    return velocity, aux["token_counts"]
-
-  @jax.jit
-  def encode(params, tokens):
-    return nnx.merge(graphdef, params).encode_text(tokens)
-
-  batch = tokens.shape[0]
-  both = jnp.concatenate([jnp.asarray(tokens), jnp.broadcast_to(null_tokens, tokens.shape)])
-  if text_encoder is None:
-    context, lengths = encode(params, both)
-  else:
-    context, lengths = jax.jit(text_encoder.encode)(text_encoder.params, both)
-  times = np.asarray(sampling_timesteps(num_steps))
-  x = jnp.asarray(noise, jnp.float32)
-  counts = []
-  for step in range(num_steps):
-    t = jnp.full((2 * batch,), times[step], jnp.float32)
-    velocity, step_counts = velocity_and_counts(params, jnp.concatenate([x, x]), t, context,
-                                                lengths)
-    v_cond, v_uncond = velocity[:batch], velocity[batch:]
-    guided = (1 - cfg_scale) * v_uncond + cfg_scale * v_cond
-    x = x + (times[step + 1] - times[step]) * guided
-    counts.append(np.asarray(step_counts[:, :batch]))
-  return np.asarray(x), np.stack(counts)
 
 
 def object_token_mask(images_uint8: np.ndarray, patch_size: int) -> np.ndarray:

@@ -60,41 +60,41 @@ class OutputProjection(nnx.Module):
 
 
 class HeadRMSNorm(nnx.Module):
-  """RMS normalisation over each head's features (qk-norm), computed in float32."""
+  """RMS normalisation over each head's features (qk-norm), computed in float32.
 
-  def __init__(self, head_dim: int, *, rngs: nnx.Rngs, param_dtype):
+  ``row_view``: normalise a (tokens x heads, head_dim) view of the input. XLA GPU fuses either
+  form with the projection's bias into one kernel, but the 4-D form broadcasts each row's
+  statistic back over three axes and is much slower in sampling
+  (bench/records/2026-11-26_h100_qk-norm-row-view/). With the heads split over devices (tensor
+  parallelism) the merged view would need a reshard, so the norm then keeps the 4-D form.
+  """
+
+  def __init__(self, head_dim: int, *, rngs: nnx.Rngs, param_dtype, row_view: bool = True):
     init = axes.partitioned(nnx.initializers.ones_init(), (axes.HEAD_DIM,))
     self.scale = nnx.Param(init(rngs.params(), (head_dim,), param_dtype))
+    self.row_view = row_view
 
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = x.shape
-    if _heads_unsplit():
-      # One row per (token, head). XLA GPU fuses either form with the projection's bias into
-      # one Triton kernel of the same tiles, but the 4-D form broadcasts each row's statistic
-      # back over three axes, and that kernel took 3.5 times as long in sampling (one H100;
-      # bench/qk_norm.py). With heads split over devices the merge would need a reshard.
+    if self.row_view:
       x = x.reshape(-1, shape[-1])
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
     return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype).reshape(shape)
 
 
-def _heads_unsplit() -> bool:
-  """Whether the heads axis is whole on every device (no mesh, or tensor parallelism off)."""
-  mesh = mesh_lib.current_mesh()
-  return mesh is None or mesh.shape["tensor"] == 1
-
-
 class Attention(nnx.Module):
   """Multi-head attention with ``num_kv_heads`` key/value heads shared by groups of queries.
 
   Used as self-attention (context = x) and as cross-attention (context = text tokens, with
-  ``context_lengths`` marking the valid prefix of each padded text sequence).
+  ``context_lengths`` marking the valid prefix of each padded text sequence). ``mesh``: the
+  device mesh the layer runs on (None: one device), on which the query, key and value layouts
+  are pinned and which decides the qk-norm's form.
   """
 
   def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, *, rngs: nnx.Rngs,
                dtype, param_dtype, qk_norm: bool = False, context_size: int | None = None,
-               zero_init_output: bool = False, attention_impl: str = "auto"):
+               zero_init_output: bool = False, attention_impl: str = "auto", mesh=None):
     if hidden_size % num_heads:
       raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
     if num_heads % num_kv_heads:
@@ -111,11 +111,15 @@ class Attention(nnx.Module):
     self.out = OutputProjection(num_heads, head_dim, hidden_size, zero_init=zero_init_output,
                                 **common)
     if qk_norm:
-      self.query_norm = HeadRMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype)
-      self.key_norm = HeadRMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype)
+      row_view = mesh is None or mesh.shape["tensor"] == 1
+      self.query_norm = HeadRMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype,
+                                    row_view=row_view)
+      self.key_norm = HeadRMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype,
+                                  row_view=row_view)
     else:
       self.query_norm = self.key_norm = None
     self.implementation = resolve_attention_impl(attention_impl, dtype)
+    self.mesh = mesh
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
                context_lengths: jax.Array | None = None) -> jax.Array:
@@ -125,9 +129,9 @@ class Attention(nnx.Module):
       q, k = self.query_norm(q), self.key_norm(k)
     # Batch over the data-like axes, heads over tensor: with parameters split over fsdp, the
     # propagated layouts of q, k and v can differ, which cuDNN's attention refuses.
-    q = mesh_lib.constrain(q, (mesh_lib.BATCH, None, axes.HEADS, axes.HEAD_DIM))
-    k = mesh_lib.constrain(k, (mesh_lib.BATCH, None, axes.KV_HEADS, axes.HEAD_DIM))
-    v = mesh_lib.constrain(v, (mesh_lib.BATCH, None, axes.KV_HEADS, axes.HEAD_DIM))
+    q = mesh_lib.constrain(q, (mesh_lib.BATCH, None, axes.HEADS, axes.HEAD_DIM), self.mesh)
+    k = mesh_lib.constrain(k, (mesh_lib.BATCH, None, axes.KV_HEADS, axes.HEAD_DIM), self.mesh)
+    v = mesh_lib.constrain(v, (mesh_lib.BATCH, None, axes.KV_HEADS, axes.HEAD_DIM), self.mesh)
     lengths = None if context_lengths is None else context_lengths.astype(jnp.int32)
     out = jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=lengths, implementation=self.implementation)

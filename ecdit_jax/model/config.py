@@ -14,6 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ecdit_jax.errors import ConfigError
+
 ROUTERS = ("expert_choice", "token_choice")
 MOE_LAYOUTS = ("every_other", "every", "none")
 MOE_DISPATCH = ("gather", "einsum", "hybrid")
@@ -27,10 +29,8 @@ TEXT_ENCODERS = ("scratch", "t5", "clip")
 # mean: a run may resume with new values (e.g. block remat to fit a smaller card). Changing
 # any other key refuses the resume (train/checkpoint.check_same_model).
 COMPUTE_ONLY_KEYS = ("attention_impl", "eval_capacity_factor", "moe_dispatch", "remat")
-
-
-class ConfigError(ValueError):
-  """A configuration value that cannot work; the message names the key."""
+# Keys that shape only the scratch text encoder: a model with a frozen pretrained one ignores them.
+SCRATCH_TEXT_KEYS = ("text_vocab_size", "text_num_layers", "text_num_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +61,8 @@ class ModelConfig:
   token_choice_top_k: int = 2
   token_choice_capacity_factor: float = 1.25  # buffer slack for token-choice dispatch
   load_balance_loss_weight: float = 0.01  # token-choice only; expert-choice needs none
-  # How expert choice moves tokens to experts and back: "gather" (index gather, scatter-add
-  # combine), "einsum" (one-hot matmuls: no scatter-add atomics on GPU; more FLOPs, see
-  # moe.dispatch) or "hybrid" (gather forward, one-hot matmul gradient, and the reverse for
-  # combine: model/hybrid_dispatch.py).
+  # How expert choice moves tokens to experts and back: "gather", "einsum" (one-hot matmuls)
+  # or "hybrid" (gathers one way, one-hot matmuls the other); model/routing.py describes them.
   moe_dispatch: str = "gather"
 
   # Text conditioning: a small transformer trained from scratch by default, or a frozen
@@ -159,6 +157,26 @@ class ModelConfig:
   @property
   def moe_layer_indices(self) -> tuple[int, ...]:
     return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+  def moe_capacity(self, group_tokens: int, *, train: bool = True,
+                   capacity_factor: float | None = None) -> int:
+    """Tokens (or token-choice buffer slots) each expert processes per routing group.
+
+    An explicit ``capacity_factor`` wins; otherwise expert choice uses ``capacity_factor`` when
+    training and ``eval_capacity_factor`` at inference, and token choice uses
+    ``token_choice_capacity_factor`` either way (k f S / E slots, rounded half up, in [1, S]).
+    """
+    if self.router == "token_choice":
+      factor = self.token_choice_capacity_factor if capacity_factor is None else capacity_factor
+      per_expert = group_tokens * self.token_choice_top_k * factor / self.num_experts
+      return max(1, min(group_tokens, int(per_expert + 0.5)))
+    if capacity_factor is None:
+      capacity_factor = self.capacity_factor if train else self.eval_capacity_factor
+    capacity = expert_capacity(group_tokens, capacity_factor, self.num_experts)
+    if capacity < 1:
+      raise ValueError(f"capacity factor {capacity_factor} leaves each of the "
+                       f"{self.num_experts} experts < 1 of {group_tokens} tokens")
+    return capacity
 
 
 def expert_capacity(group_tokens: int, capacity_factor: float, num_experts: int) -> int:

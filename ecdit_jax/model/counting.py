@@ -19,7 +19,8 @@ from flax import nnx
 from ecdit_jax.model.config import ModelConfig
 from ecdit_jax.model.dit import TextToImageDiT
 from ecdit_jax.model.flops import forward_flops_per_image, train_flops_per_image
-from ecdit_jax.model.keys import ParamKeys
+from ecdit_jax.model.params import abstract_model
+from ecdit_jax.model.presets import model_overrides, preset_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,17 +39,12 @@ class ParamCounts:
             f"{b(self.activated_per_token)}")
 
 
-def abstract_model(config: ModelConfig) -> TextToImageDiT:
-  """The model with ShapeDtypeStructs in place of arrays: free to build at any size."""
-  return nnx.eval_shape(lambda: TextToImageDiT(config, rngs=ParamKeys(0)))
-
-
 def _size(tree) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(tree))
 
 
-def experts_per_token(config: ModelConfig) -> float:
-  """Average number of experts that process a token in an MoE layer."""
+def mean_experts_per_token(config: ModelConfig) -> float:
+  """Average number of experts that process a token in an MoE layer at training capacity."""
   if config.router == "expert_choice":
     return config.capacity_factor
   return float(config.token_choice_top_k)
@@ -62,7 +58,7 @@ def count_params(config: ModelConfig, model: TextToImageDiT | None = None) -> Pa
   backbone = _size(nnx.state(model.dit, nnx.Param))
   experts = sum(_size(nnx.state(block.ffn.experts, nnx.Param))
                 for block in model.dit.block_modules() if block.is_moe)
-  share = experts_per_token(config) / config.num_experts if experts else 0.0
+  share = mean_experts_per_token(config) / config.num_experts if experts else 0.0
   return ParamCounts(total=text + backbone, text_encoder=text, backbone=backbone,
                      experts=experts, activated_per_token=backbone - experts + experts * share)
 
@@ -78,7 +74,6 @@ def preset_table(names=None) -> str:
   The FLOP columns are one image through the whole model (text encoder included) at the
   training capacity factor: the forward pass, and forward + backward (3 x forward).
   """
-  from ecdit_jax.model.presets import model_overrides, preset_names  # avoid a cycle at import
   header = ("| preset | d | layers | heads | experts | total (B) | backbone (B) | experts (B) | "
             "activated/token (B) | paper total (B) | fwd GFLOPs/image | train GFLOPs/image |")
   rows = [header, "|---" * (header.count("|") - 1) + "|"]

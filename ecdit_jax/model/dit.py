@@ -19,34 +19,34 @@ from ecdit_jax.model.text import TextEncoder
 from ecdit_jax.parallel import axes
 
 
-def make_ffn(config: ModelConfig, layer_index: int, rngs: nnx.Rngs) -> nnx.Module:
+def make_ffn(config: ModelConfig, layer_index: int, rngs: nnx.Rngs, mesh=None) -> nnx.Module:
   """The feed-forward of block ``layer_index``: an MoE layer where the layout puts one."""
   if not config.is_moe_layer(layer_index):
     return layers.FeedForward(config.hidden_size, config.mlp_hidden_size, rngs=rngs,
                               dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
   if config.router == "expert_choice":
-    return ExpertChoiceFFN(config, rngs=rngs)
+    return ExpertChoiceFFN(config, rngs=rngs, mesh=mesh)
   return TokenChoiceFFN(config, rngs=rngs)
 
 
 class DiTBlock(nnx.Module):
   """adaLN-Zero self-attention, cross-attention to text, adaLN-Zero FFN or MoE."""
 
-  def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs, mesh=None):
     d = config.hidden_size
     common = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
     self.is_moe = config.is_moe_layer(layer_index)
     self.modulation = layers.AdaLNModulation(d, 6, **common)
     self.norm1 = layers.layer_norm(d, **common)
     self.self_attn = Attention(d, config.num_heads, config.kv_heads, qk_norm=config.qk_norm,
-                               attention_impl=config.attention_impl, **common)
+                               attention_impl=config.attention_impl, mesh=mesh, **common)
     self.norm_cross = layers.layer_norm(d, affine=True, **common)
     # Zero-initialised output: the cross-attention branch also starts switched off.
     self.cross_attn = Attention(d, config.num_heads, config.kv_heads, qk_norm=config.qk_norm,
                                 context_size=config.text_hidden_size, zero_init_output=True,
-                                attention_impl=config.attention_impl, **common)
+                                attention_impl=config.attention_impl, mesh=mesh, **common)
     self.norm2 = layers.layer_norm(d, **common)
-    self.ffn = make_ffn(config, layer_index, rngs)
+    self.ffn = make_ffn(config, layer_index, rngs, mesh)
 
   def __call__(self, x, c, context, context_lengths, *, train: bool,
                capacity_factor: float | None):
@@ -78,9 +78,13 @@ class FinalLayer(nnx.Module):
 
 
 class DiT(nnx.Module):
-  """The diffusion backbone on patch tokens, conditioned on t and on text embeddings."""
+  """The diffusion backbone on patch tokens, conditioned on t and on text embeddings.
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  ``mesh``: the device mesh the model runs on (None: one device, or left to XLA); it decides
+  whether the MoE layers run expert-parallel and how attention lays out its inputs.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mesh=None):
     self.config = config
     d = config.hidden_size
     common = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
@@ -89,7 +93,7 @@ class DiT(nnx.Module):
     # The pooled text vector joins the timestep vector in every adaLN modulation.
     self.text_pool = layers.dense(config.text_hidden_size, d, (axes.TEXT_EMBED, axes.EMBED),
                                   **common)
-    blocks = [DiTBlock(config, i, rngs=rngs) for i in range(config.num_layers)]
+    blocks = [DiTBlock(config, i, rngs=rngs, mesh=mesh) for i in range(config.num_layers)]
     if config.scan_layers:
       period = config.layer_period
       self.stacked_blocks = nnx.List([layer_stacking.stack_modules(blocks[j::period])
@@ -188,14 +192,15 @@ class TextToImageDiT(nnx.Module):
   ``encode_text`` and ``dit`` are exposed separately so that a sampler encodes the prompt once
   and reuses the embeddings at every step. With a frozen pretrained text encoder
   (``config.text_encoder`` "t5" or "clip") the model holds no text encoder: the caller encodes
-  the text outside it and calls ``dit`` (or ``from_context``) with the context.
+  the text outside it and calls ``dit`` (or ``from_context``) with the context. ``mesh`` as in
+  ``DiT``.
   """
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mesh=None):
     self.config = config
     self.text_encoder = (None if config.has_pretrained_text_encoder
                          else TextEncoder(config, rngs=rngs))
-    self.dit = DiT(config, rngs=rngs)
+    self.dit = DiT(config, rngs=rngs, mesh=mesh)
 
   def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     if self.text_encoder is None:

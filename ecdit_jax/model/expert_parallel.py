@@ -6,8 +6,9 @@ Per device, inside ``shard_map``:
   2. pack each expert's C chosen tokens into a fixed (G, E, C, d) buffer;
   3. ``all_to_all`` over ``expert``: every device sends expert e's buffer to the device holding
      expert e, and receives its local experts' tokens from all devices of the axis;
-  4. run the local experts as one batched einsum;
-  5. ``all_to_all`` back and combine (gate-weighted scatter-add onto the tokens).
+  4. run the local experts as one batched einsum (hidden width split over ``tensor``, the
+     partial outputs summed with ``psum``);
+  5. ``all_to_all`` back and combine.
 Buffers have a static size (E x C per group), so the exchange is a plain dense ``all_to_all``.
 
 The batch enters split over the data-like axes (data, fsdp, expert); weights enter split by
@@ -25,11 +26,21 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ecdit_jax.model import moe
+from ecdit_jax.model import routing
 from ecdit_jax.parallel.mesh import batch_axes
 
 EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
+
+
+def _to_experts(buffers):
+  # Expert e's buffers go to the device that holds e; we receive (n_expert * G_local, E_local,
+  # C, d): our experts' tokens from every device of the axis, in axis order.
+  return jax.lax.all_to_all(buffers, EXPERT_AXIS, 1, 0, tiled=True)
+
+
+def _from_experts(outputs):
+  return jax.lax.all_to_all(outputs, EXPERT_AXIS, 0, 1, tiled=True)
 
 
 def expert_choice_ffn(x: jax.Array, router_kernel: jax.Array, expert_weights, *, mesh,
@@ -37,7 +48,7 @@ def expert_choice_ffn(x: jax.Array, router_kernel: jax.Array, expert_weights, *,
   """x (B, S, d) -> (y (B, S, d), logits (G, N, E) f32, experts-per-token counts (G, N)).
 
   ``expert_weights`` = (w_in (E, d, h), b_in (E, h), w_out (E, h, d), b_out (E, d));
-  ``method``: how tokens are dispatched and combined, as in ``moe.dispatch``.
+  ``method``: how tokens are dispatched and combined (``routing.dispatch``).
   """
   b, s, d = x.shape
   num_experts = router_kernel.shape[-1]
@@ -46,27 +57,20 @@ def expert_choice_ffn(x: jax.Array, router_kernel: jax.Array, expert_weights, *,
   if num_experts % n_expert:
     raise ValueError(f"config.model.num_experts={num_experts} is not divisible by the "
                      f"expert mesh axis of size {n_expert} (config.mesh.expert)")
-  groups = moe.to_groups(x, group_size)
-  num_groups, n = groups.shape[:2]
+  groups = routing.to_groups(x, group_size)
+  num_groups = groups.shape[0]
   splits = batch_axes(mesh)
   num_shards = math.prod(mesh.shape[a] for a in splits)
   padded = -(-num_groups // num_shards) * num_shards
   if padded != num_groups:
     groups = jnp.pad(groups, ((0, padded - num_groups), (0, 0), (0, 0)))
-  tensor = TENSOR_AXIS if mesh.shape[TENSOR_AXIS] > 1 and hidden % mesh.shape[TENSOR_AXIS] == 0 \
-      else None
+  n_tensor = mesh.shape[TENSOR_AXIS]
+  tensor = TENSOR_AXIS if n_tensor > 1 and hidden % n_tensor == 0 else None
 
   def local(groups, router_kernel, w_in, b_in, w_out, b_out):
-    logits, gates, token_index = moe.route_groups(groups, router_kernel, capacity)
-    dispatched = moe.dispatch(groups, token_index, method, dtype)  # (G_local, E, C, d)
-    # Expert e's buffers go to the device that holds e; we receive (n_expert * G_local,
-    # E_local, C, d): our experts' tokens from every device of the axis, in axis order.
-    dispatched = jax.lax.all_to_all(dispatched, EXPERT_AXIS, 1, 0, tiled=True)
-    out = moe.apply_experts(dispatched, w_in, b_in, w_out, b_out, dtype=dtype,
-                            tensor_axis=tensor)
-    out = jax.lax.all_to_all(out, EXPERT_AXIS, 0, 1, tiled=True)  # back to (G_local, E, C, d)
-    y = moe.combine(out, gates, token_index, n, method).astype(groups.dtype)
-    return y, logits, moe.experts_per_token(token_index, n)
+    return routing.expert_choice_layer(
+        groups, router_kernel, (w_in, b_in, w_out, b_out), capacity=capacity, method=method,
+        dtype=dtype, exchange=(_to_experts, _from_experts), tensor_axis=tensor)
 
   rows = P(splits or None)
   in_specs = (rows, P(), P(EXPERT_AXIS, None, tensor), P(EXPERT_AXIS, tensor),

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 
-from ecdit_jax.model.config import ModelConfig, expert_capacity
+from ecdit_jax.model.config import ModelConfig
 
 # The sinusoidal width that layers.TimestepEmbedder feeds its first dense layer.
 TIMESTEP_FREQUENCY_DIM = 256
@@ -73,29 +73,6 @@ def matmul_flops(m: int, n: int, k: int) -> int:
   return 2 * m * n * k
 
 
-def moe_capacity(config: ModelConfig, group_tokens: int, *, train: bool = True,
-                 capacity_factor: float | None = None) -> int:
-  """Tokens (or token-choice buffer slots) each expert processes per routing group.
-
-  Resolves the capacity factor as the MoE layers do: an explicit ``capacity_factor`` wins;
-  otherwise expert choice uses capacity_factor when training and eval_capacity_factor at
-  inference, and token choice uses token_choice_capacity_factor either way.
-  """
-  if config.router == "expert_choice":
-    if capacity_factor is None:
-      capacity_factor = config.capacity_factor if train else config.eval_capacity_factor
-    capacity = expert_capacity(group_tokens, capacity_factor, config.num_experts)
-    if capacity < 1:
-      raise ValueError(f"capacity factor {capacity_factor} leaves each of the "
-                       f"{config.num_experts} experts < 1 of {group_tokens} tokens")
-    return capacity
-  if capacity_factor is None:
-    capacity_factor = config.token_choice_capacity_factor
-  # Mirrors TokenChoiceFFN.capacity: k f S / E slots, rounded half up, within [1, S].
-  per_expert = group_tokens * config.token_choice_top_k * capacity_factor / config.num_experts
-  return max(1, min(group_tokens, int(per_expert + 0.5)))
-
-
 def text_encoder_flops(config: ModelConfig, text_tokens: int | None = None) -> int:
   """One prompt through the text encoder: per layer, 4 w x w projections, attention, a 4w FFN.
 
@@ -121,7 +98,8 @@ def forward_flops_per_image(config: ModelConfig, *, train: bool = True,
 
   Args:
     config: the model.
-    train, capacity_factor: pick the MoE capacity as the model does (``moe_capacity``).
+    train, capacity_factor: pick the MoE capacity as the model does
+      (``ModelConfig.moe_capacity``).
     num_tokens: image tokens the transformer sees (default config.num_tokens; the kept count
       under token masking).
     text_tokens: the (padded) prompt length (default config.text_max_len).
@@ -145,7 +123,7 @@ def forward_flops_per_image(config: ModelConfig, *, train: bool = True,
   expert_flops = 0.0
   if moe_layers:
     group_size = config.routing_group_size
-    capacity = moe_capacity(config, group_size * n, train=train, capacity_factor=capacity_factor)
+    capacity = config.moe_capacity(group_size * n, train=train, capacity_factor=capacity_factor)
     # E experts x C tokens per routing group, shared by the group's images.
     expert_flops = moe_layers * experts * capacity * ffn_per_token / group_size
 

@@ -1,1 +1,1 @@
-"""Parallelism: logical axis names now; mesh, rules and sharding helpers build on them."""
+"""Parallelism: logical axis names, the mesh and its rules, and the multi-process start."""

@@ -6,26 +6,32 @@ Mesh axes:
   expert  expert parallelism: MoE weights split by expert (and the batch, outside MoE layers)
   tensor  tensor parallelism over heads and the FFN hidden width
 
-Sizes come from ``config.mesh.{data,fsdp,expert,tensor}`` (within a slice); one of them may be -1
-to take the remaining devices. Multi-slice TPU jobs add ``config.mesh.dcn_{data,fsdp,expert}``:
-the number of slices along each axis, joined over the data-center network, so that only the
-cheap collectives (data-parallel gradient reduction) cross slices. Parameters carry logical names (``ecdit_jax.parallel.axes``); ``RULES`` maps
-each to a mesh axis. A dimension is left unsharded when its size does not divide evenly or when
-its mesh axis is already used by another dimension of the same array.
+``config.mesh`` (``MeshConfig``) gives the devices per axis within a slice (one axis may be -1 to
+take the rest) and, for jobs of several TPU slices (or GPU hosts) joined over the data-center
+network (DCN), the slices along each axis (``dcn_*``). Only the data-parallel axes may span
+slices: their collectives (the gradient reduction, FSDP's gathers) tolerate DCN bandwidth, while
+the expert all-to-all and tensor-parallel reductions run every layer and must stay on the
+slices' own interconnect (ICI). Parameters carry logical names (``ecdit_jax.parallel.axes``);
+``RULES`` maps each to a mesh axis. A dimension is left unsharded when its size does not divide
+evenly or when its mesh axis is already used by another dimension of the same array.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ecdit_jax.errors import ConfigError
 from ecdit_jax.parallel import axes
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+DCN_AXES = ("data", "fsdp")  # the axes that may span slices
 BATCH = "batch"  # logical name of the batch dimension of activations and inputs
 
 RULES: tuple[tuple[str, Any], ...] = (
@@ -43,80 +49,125 @@ RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class MeshConfigError(ValueError):
-  """A mesh size that cannot work; the message names the key."""
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """``config.mesh``: how the devices are used. Checked when built; errors name the key."""
+
+  data: int = -1  # devices per slice along each axis; one of the four may be -1 (the rest)
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+  dcn_data: int = 1  # slices (TPU slices, or GPU hosts) along each axis
+  dcn_fsdp: int = 1
+  dcn_expert: int = 1  # must stay 1: the expert all-to-all runs on ICI only
+  dcn_tensor: int = 1  # must stay 1: tensor-parallel reductions run on ICI only
+  # Lets a mesh axis take part of a physical TPU torus axis, for per-slice shapes that are not a
+  # product of whole physical axes (e.g. fsdp=8 x expert=8 on a 4x4x4 v4 slice).
+  allow_split_physical_axes: bool = False
+
+  def __post_init__(self):
+    for name in MESH_AXES:
+      size = getattr(self, name)
+      if not isinstance(size, int) or size == 0 or size < -1:
+        raise ConfigError(f"config.mesh.{name}={size!r} must be a positive size or -1")
+      slices = getattr(self, f"dcn_{name}")
+      if not isinstance(slices, int) or slices < 1:
+        raise ConfigError(f"config.mesh.dcn_{name}={slices!r} must be a positive number of "
+                          f"slices")
+      if name not in DCN_AXES and slices > 1:
+        raise ConfigError(
+            f"config.mesh.dcn_{name}={slices}: only {', '.join(DCN_AXES)} may span slices; "
+            f"the {name} axis exchanges activations in every layer and must stay within a "
+            f"slice's interconnect (ICI). Span slices with config.mesh.dcn_data or dcn_fsdp")
+    fill = [name for name in MESH_AXES if getattr(self, name) == -1]
+    if len(fill) > 1:
+      raise ConfigError(f"only one mesh axis may be -1, got {', '.join(fill)}")
+
+  @classmethod
+  def parse(cls, text: str, flag: str = "--mesh") -> MeshConfig | None:
+    """``"expert=2,fsdp=2"`` -> axes left out are 1 and ``data`` takes the rest unless given;
+    ``""`` -> None (one device). Errors name ``flag``."""
+    if not text:
+      return None
+    sizes = {axis: 1 for axis in MESH_AXES}
+    sizes["data"] = -1
+    for item in text.split(","):
+      axis, _, value = item.partition("=")
+      axis = axis.strip()
+      if axis not in MESH_AXES or not value.strip().lstrip("-").isdigit():
+        raise ConfigError(f"{flag}={text!r}: expected axis=size pairs over {MESH_AXES}")
+      sizes[axis] = int(value)
+    try:
+      return cls(**sizes)
+    except ConfigError as e:
+      raise ConfigError(f"{flag}={text!r}: {e}") from e
+
+  @property
+  def num_slices(self) -> int:
+    return math.prod(getattr(self, f"dcn_{name}") for name in MESH_AXES)
+
+  def dcn_shape(self) -> tuple[int, ...]:
+    return tuple(getattr(self, f"dcn_{name}") for name in MESH_AXES)
+
+  def shape(self, num_devices: int) -> dict[str, int]:
+    """The devices per slice along each axis, with the -1 axis resolved, for ``num_devices``
+    devices in all; raises ConfigError naming the keys when they do not fit."""
+    if num_devices % self.num_slices:
+      raise ConfigError(f"config.mesh.dcn_* ask for {self.num_slices} slices, which does not "
+                        f"divide the {num_devices} devices")
+    per_slice = num_devices // self.num_slices
+    shape = {name: getattr(self, name) for name in MESH_AXES}
+    fixed = math.prod(size for size in shape.values() if size != -1)
+    fill = [name for name, size in shape.items() if size == -1]
+    if fill:
+      if per_slice % fixed:
+        raise ConfigError(f"config.mesh.{fill[0]}=-1: {per_slice} devices are not divisible "
+                          f"by the other axes' product {fixed}")
+      shape[fill[0]] = per_slice // fixed
+    elif fixed != per_slice:
+      raise ConfigError(f"config.mesh sizes {shape} use {fixed} devices, but "
+                        f"{per_slice} are available{' per slice' if self.num_slices > 1 else ''}")
+    return shape
+
+  def global_shape(self, num_devices: int) -> dict[str, int]:
+    """Each axis's size across all slices (per-slice size x slices along it)."""
+    shape = self.shape(num_devices)
+    return {name: shape[name] * getattr(self, f"dcn_{name}") for name in MESH_AXES}
 
 
-def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
-  """Resolves ``config.mesh`` sizes (at most one -1) against the number of devices."""
-  unknown = sorted(set(sizes) - set(MESH_AXES))
-  if unknown:
-    raise MeshConfigError(f"unknown mesh axes {', '.join(f'config.mesh.{k}' for k in unknown)}; "
-                          f"known: {MESH_AXES}")
-  shape = {name: int(sizes.get(name, 1)) for name in MESH_AXES}
-  fill = [name for name, size in shape.items() if size == -1]
-  for name, size in shape.items():
-    if size == 0 or size < -1:
-      raise MeshConfigError(f"config.mesh.{name}={size} must be a positive size or -1")
-  if len(fill) > 1:
-    raise MeshConfigError(f"only one mesh axis may be -1, got {', '.join(fill)}")
-  fixed = math.prod(size for size in shape.values() if size != -1)
-  if fill:
-    if num_devices % fixed:
-      raise MeshConfigError(f"config.mesh.{fill[0]}=-1: {num_devices} devices are not divisible "
-                            f"by the other axes' product {fixed}")
-    shape[fill[0]] = num_devices // fixed
-  elif fixed != num_devices:
-    raise MeshConfigError(f"config.mesh sizes {shape} use {fixed} devices, but "
-                          f"{num_devices} are available")
-  return shape
+def device_grid(config: MeshConfig, devices: Sequence[Any]) -> np.ndarray:
+  """The devices arranged along (data, fsdp, expert, tensor).
+
+  Within a slice the axes follow the physical torus of TPUs (``mesh_utils``); slices are the
+  outer part of the axes that span them, so each slice holds a whole per-slice mesh. Slices are
+  the devices' ``slice_index`` on TPU, and processes (hosts) elsewhere.
+  """
+  by_process = devices[0].platform != "tpu"
+  if config.num_slices > 1:
+    found = len({d.process_index if by_process else d.slice_index for d in devices})
+    if found != config.num_slices:
+      raise ConfigError(f"config.mesh.dcn_* ask for {config.num_slices} slices, but the devices "
+                        f"are in {found} {'processes' if by_process else 'TPU slices'}")
+  shape = config.shape(len(devices))
+  ici = tuple(shape[a] for a in MESH_AXES)
+  split = config.allow_split_physical_axes
+  try:
+    if config.num_slices == 1:
+      return mesh_utils.create_device_mesh(ici, list(devices), allow_split_physical_axes=split)
+    return mesh_utils.create_hybrid_device_mesh(
+        ici, config.dcn_shape(), list(devices), allow_split_physical_axes=split,
+        process_is_granule=by_process)
+  except (NotImplementedError, ValueError, AssertionError) as e:
+    raise ConfigError(f"config.mesh {shape} per slice cannot be laid out on these devices "
+                      f"({type(e).__name__}: {e}); try other sizes or "
+                      f"config.mesh.allow_split_physical_axes=True") from e
 
 
-DCN_PREFIX = "dcn_"
-
-
-def split_dcn(sizes: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
-  """``config.mesh`` -> (per-slice sizes, slice counts) keyed by mesh axis."""
-  ici = {k: v for k, v in sizes.items() if not k.startswith(DCN_PREFIX)}
-  dcn = {k[len(DCN_PREFIX):]: int(v) for k, v in sizes.items() if k.startswith(DCN_PREFIX)}
-  unknown = sorted(set(dcn) - set(MESH_AXES))
-  if unknown:
-    raise MeshConfigError(f"unknown mesh axes {', '.join(f'config.mesh.dcn_{k}' for k in unknown)}")
-  for name, size in dcn.items():
-    if size < 1:
-      raise MeshConfigError(f"config.mesh.dcn_{name}={size} must be a positive number of slices")
-  return ici, {name: dcn.get(name, 1) for name in MESH_AXES}
-
-
-def create_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def create_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh over ``devices`` (default: all) with the four named axes, in auto-sharding mode."""
   devices = list(jax.devices() if devices is None else devices)
-  ici, dcn = split_dcn(sizes)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  num_slices = math.prod(dcn.values())
-  if num_slices == 1:
-    shape = mesh_shape(ici, len(devices))
-    return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, axis_types=auto,
-                         devices=devices)
-  if len(devices) % num_slices:
-    raise MeshConfigError(f"config.mesh.dcn_* ask for {num_slices} slices, which does not "
-                          f"divide the {len(devices)} devices")
-  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
-  shape = mesh_shape(ici, len(devices) // num_slices)
-  # Slices are TPU slices where devices know them; otherwise (GPU hosts) processes.
-  by_process = not hasattr(devices[0], "slice_index")
-  array = mesh_utils.create_hybrid_device_mesh(
-      [shape[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices,
-      process_is_granule=by_process)
-  return Mesh(array, MESH_AXES, axis_types=auto)
-
-
-def current_mesh() -> jax.sharding.AbstractMesh | None:
-  """The mesh set with ``jax.set_mesh`` around the running trace, or None outside one."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
-    return None
-  return mesh
+  return Mesh(device_grid(config, devices), MESH_AXES, axis_types=auto)
 
 
 def batch_axes(mesh, batch_size: int | None = None, rules=RULES) -> tuple[str, ...]:
@@ -153,17 +204,18 @@ def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
   return PartitionSpec(*spec)
 
 
-def constrain(x: jax.Array, names: Sequence[str | None], rules=RULES) -> jax.Array:
-  """Pins an activation's sharding by the logical names of its dimensions, under the mesh of
-  the running trace (``jax.set_mesh``); outside one it returns ``x`` as it is.
+def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None,
+              rules=RULES) -> jax.Array:
+  """Pins an activation's sharding on ``mesh`` by the logical names of its dimensions; with no
+  mesh (one device) it returns ``x`` as it is.
 
   Sharding propagation is free to pick different layouts for tensors that a kernel needs laid
   out alike (cuDNN attention requires query, key and value to share one), so such inputs are
   pinned here."""
-  mesh = current_mesh()
   if mesh is None:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_mesh(names, x.shape, mesh, rules))
+  spec = logical_to_mesh(names, x.shape, mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def tree_shardings(values: Any, logical_specs: Any, mesh: Mesh, rules=RULES) -> Any:
@@ -180,6 +232,12 @@ def tree_shardings(values: Any, logical_specs: Any, mesh: Mesh, rules=RULES) -> 
   shardings = [NamedSharding(mesh, logical_to_mesh(tuple(spec), np.shape(value), mesh, rules))
                for spec, value in zip(spec_leaves, value_leaves)]
   return jax.tree.unflatten(treedef, shardings)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying shardings: the target layout of a restore."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=RULES) -> NamedSharding:

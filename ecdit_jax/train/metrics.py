@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
+from tensorboardX import SummaryWriter
 
 
 def name_moe_layers(moe_metrics: Mapping[str, Any], layer_indices) -> dict[str, Any]:
@@ -32,13 +33,12 @@ class MetricWriter:
   and copied whole to the workdir after every write (they are small).
   """
 
-  def __init__(self, workdir: str):
-    self.enabled = jax.process_index() == 0
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
     self._tb = None
     self._jsonl = None
     self._remote = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
       local = workdir
       if "://" in str(workdir):
         self._remote = epath.Path(workdir)

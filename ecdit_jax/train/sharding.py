@@ -8,31 +8,20 @@ replicated. So FSDP shards parameters, EMA and optimizer state alike.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ecdit_jax.model import ModelConfig
+from ecdit_jax.data import batch as batch_keys
+from ecdit_jax.model.config import ModelConfig
+from ecdit_jax.model.params import param_shardings
 from ecdit_jax.parallel import mesh as mesh_lib
-from ecdit_jax.train.state import (TrainState, abstract_train_state, build_model,
-                                   create_train_state, to_pure_dict)
+from ecdit_jax.train.state import TrainState, abstract_train_state, create_train_state
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
-
-
-def param_shardings(model_config: ModelConfig, mesh: Mesh) -> Any:
-  """Shardings of the parameter dict, from the names the model gives its parameters."""
-  abstract = nnx.eval_shape(lambda: build_model(model_config, 0))
-  state = nnx.state(abstract, nnx.Param)
-  shapes = to_pure_dict(state)
-  specs = to_pure_dict(nnx.get_partition_spec(state))
-  return mesh_lib.tree_shardings(shapes, specs, mesh)
 
 
 def _path_key(path) -> tuple:
@@ -60,16 +49,6 @@ def state_shardings(abstract_state: TrainState, model_config: ModelConfig, mesh:
                     rng=replicated(mesh))
 
 
-def with_shardings(abstract: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying shardings: the target layout of a restore."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
-def batch_shardings(batch: dict[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
-  return {k: mesh_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
-
-
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's rows -> global arrays split over the batch axes (rows in process order)."""
   return {k: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, v.ndim), v)
@@ -79,16 +58,11 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 def init_train_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh):
   """(graphdef, state, state shardings): the state initialised under jit straight into its
   shards, so no device ever holds the whole model."""
-  graphdef, abstract = abstract_train_state(model_config, optimizer, seed)
+  graphdef, abstract = abstract_train_state(model_config, optimizer, seed, mesh)
   shardings = state_shardings(abstract, model_config, mesh)
-  init = jax.jit(lambda: create_train_state(model_config, optimizer, seed)[1],
+  init = jax.jit(lambda: create_train_state(model_config, optimizer, seed, mesh)[1],
                  out_shardings=shardings)
-  with jax.set_mesh(mesh):
-    state = init()
-  return graphdef, state, shardings
-
-
-TOKEN_BATCH_RANKS = {"image": 4, "tokens": 2}
+  return graphdef, init(), shardings
 
 
 def stacked_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -101,13 +75,13 @@ def stacked_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def jit_train_step(train_step, shardings: TrainState, mesh: Mesh,
                    batch_ranks: dict[str, int] | None = None, *, stacked: bool = False):
   """The step jitted with the state's shardings in and out and the batch split over the batch
-  axes; call it inside ``jax.set_mesh(mesh)`` so MoE layers see the expert axis.
+  axes.
 
   ``batch_ranks`` gives the batch's keys and their ranks (default: image and tokens). With
-  ``stacked``, the function takes batches stacked along a leading axis (``stack_batches``) and
-  runs one step per batch in a ``lax.scan``, returning the metrics of every step stacked: the
-  host dispatches once for several steps."""
-  ranks = TOKEN_BATCH_RANKS if batch_ranks is None else batch_ranks
+  ``stacked``, the function takes batches stacked along a leading axis (``make_batch_stacker``)
+  and runs one step per batch in a ``lax.scan``, returning the metrics of every step stacked:
+  the host dispatches once for several steps."""
+  ranks = batch_keys.TOKEN_RANKS if batch_ranks is None else batch_ranks
   if stacked:
     batch = {key: stacked_batch_sharding(mesh, rank + 1) for key, rank in ranks.items()}
     fn = lambda state, batches: jax.lax.scan(train_step, state, batches)
@@ -121,7 +95,7 @@ def jit_train_step(train_step, shardings: TrainState, mesh: Mesh,
 def make_batch_stacker(mesh: Mesh, batch_ranks: dict[str, int] | None = None):
   """[global batch, ...] -> one batch with a leading steps axis, split like the batches (on the
   devices: encoded context stacks as well as host data)."""
-  ranks = TOKEN_BATCH_RANKS if batch_ranks is None else batch_ranks
+  ranks = batch_keys.TOKEN_RANKS if batch_ranks is None else batch_ranks
   out = {key: stacked_batch_sharding(mesh, rank + 1) for key, rank in ranks.items()}
   return jax.jit(lambda batches: jax.tree.map(lambda *xs: jnp.stack(xs), *batches),
                  out_shardings=out)

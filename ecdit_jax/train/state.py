@@ -10,36 +10,24 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ecdit_jax.model import ModelConfig, TextToImageDiT
-from ecdit_jax.model.keys import ParamKeys
-
-
-def to_pure_dict(state: nnx.State) -> dict:
-  # nnx.to_pure_dict replaces the State method in newer flax releases.
-  if hasattr(nnx, "to_pure_dict"):
-    return nnx.to_pure_dict(state)
-  return state.to_pure_dict()
+from ecdit_jax.model import params as params_lib
+from ecdit_jax.model.config import ModelConfig
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: training steps taken (batches consumed)
-  params: Any  # nested dict of arrays (nnx.State.to_pure_dict())
+  params: Any  # nested dict of arrays (model.params.to_pure_dict)
   ema_params: Any
   opt_state: optax.OptState
   rng: jax.Array  # uint32 raw key data; advanced once per step
 
 
-def build_model(model_config: ModelConfig, seed: int) -> TextToImageDiT:
-  # ParamKeys rather than nnx.Rngs: cheap to trace, so jitted and abstract builds stay fast.
-  return TextToImageDiT(model_config, rngs=ParamKeys(seed))
-
-
 def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                       seed: int) -> tuple[nnx.GraphDef, TrainState]:
-  """Initialises parameters, EMA, optimizer state and the step RNG from one seed."""
-  graphdef, params = nnx.split(build_model(model_config, seed))
-  params = to_pure_dict(params)
+                       seed: int, mesh=None) -> tuple[nnx.GraphDef, TrainState]:
+  """Initialises parameters, EMA, optimizer state and the step RNG from one seed; ``mesh``
+  is the mesh the model will run on."""
+  graphdef, params = params_lib.init_params(model_config, seed, mesh)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      ema_params=jax.tree.map(jnp.copy, params),
                      opt_state=optimizer.init(params),
@@ -48,12 +36,12 @@ def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTrans
 
 
 def abstract_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                         seed: int) -> tuple[nnx.GraphDef, TrainState]:
+                         seed: int, mesh=None) -> tuple[nnx.GraphDef, TrainState]:
   """Shapes and dtypes of the train state, without allocating it (for restoring)."""
   out = {}
 
   def init():
-    graphdef, state = create_train_state(model_config, optimizer, seed)
+    graphdef, state = create_train_state(model_config, optimizer, seed, mesh)
     out["graphdef"] = graphdef
     return state
 

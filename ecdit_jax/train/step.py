@@ -13,25 +13,17 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
-from ecdit_jax import diffusion
-from ecdit_jax.model import ModelConfig
+from ecdit_jax.config import TrainConfig
+from ecdit_jax.data import batch as batch_keys
+from ecdit_jax.diffusion import masking, rectified_flow
 from ecdit_jax.model.layers import patchify
 from ecdit_jax.train.optimizer import learning_rate_schedule
 from ecdit_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
-
-
-def _global_norm(tree) -> jax.Array:
-  # optax.tree.norm supersedes optax.global_norm in newer optax releases.
-  tree_utils = getattr(optax, "tree", None)
-  if tree_utils is not None and hasattr(tree_utils, "norm"):
-    return tree_utils.norm(tree)
-  return optax.global_norm(tree)
 
 
 def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:
@@ -40,9 +32,8 @@ def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:
   return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, model_config: ModelConfig,
-                 config: ml_collections.ConfigDict, null_tokens: jax.Array | None, masked: bool,
-                 null_context: tuple[jax.Array, jax.Array] | None = None):
+def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, null_tokens: jax.Array | None,
+                 masked: bool, null_context: tuple[jax.Array, jax.Array] | None = None):
   """loss_fn(params, batch, rng) -> (total loss, (velocity loss, aux)).
 
   The batch holds the text in one of two forms, chosen when tracing: ``tokens`` (B, L) for the
@@ -50,58 +41,58 @@ def make_loss_fn(graphdef: nnx.GraphDef, model_config: ModelConfig,
   ``context_lengths`` (B,), encoded beforehand by a frozen encoder, dropped to ``null_context``
   = (the empty caption's context (L, width), its length).
   """
-  dcfg = config.diffusion
+  dcfg, model_config = cfg.diffusion, cfg.model
 
   def loss_fn(params, batch: Batch, rng: jax.Array):
     model = nnx.merge(graphdef, params)
-    x0 = batch["image"]
+    x0 = batch[batch_keys.IMAGE]
     batch_size = x0.shape[0]
     k_time, k_noise, k_drop, k_mask = jax.random.split(rng, 4)
-    t = diffusion.sample_timesteps(k_time, batch_size, loc=dcfg.timestep_loc,
-                                   scale=dcfg.timestep_scale)
+    t = rectified_flow.sample_timesteps(k_time, batch_size, loc=dcfg.timestep_loc,
+                                        scale=dcfg.timestep_scale)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    x_t = diffusion.add_noise(x0, noise, t)
-    target = diffusion.velocity_target(x0, noise)
-    if "context" in batch:
+    x_t = rectified_flow.add_noise(x0, noise, t)
+    target = rectified_flow.velocity_target(x0, noise)
+    if batch_keys.CONTEXT in batch:
       if null_context is None:
         raise ValueError("a batch of encoded text (context) needs null_context")
-      context, lengths = diffusion.drop_context(k_drop, batch["context"],
-                                                batch["context_lengths"], *null_context,
-                                                dcfg.caption_dropout)
+      context, lengths = rectified_flow.drop_context(
+          k_drop, batch[batch_keys.CONTEXT], batch[batch_keys.CONTEXT_LENGTHS], *null_context,
+          dcfg.caption_dropout)
       forward = lambda **kwargs: model.from_context(x_t, t, context, lengths, **kwargs)
     else:
-      tokens = diffusion.drop_captions(k_drop, batch["tokens"], null_tokens,
-                                       dcfg.caption_dropout)
+      tokens = rectified_flow.drop_captions(k_drop, batch[batch_keys.TOKENS], null_tokens,
+                                            dcfg.caption_dropout)
       forward = lambda **kwargs: model(x_t, t, tokens, **kwargs)
     if masked:
-      keep = diffusion.random_keep_indices(k_mask, batch_size, model_config.num_tokens,
-                                           dcfg.mask_ratio)
+      keep = masking.random_keep_indices(k_mask, batch_size, model_config.num_tokens,
+                                         dcfg.mask_ratio)
       pred, aux = forward(keep_index=keep, train=True)
-      target = diffusion.gather_tokens(patchify(target, model_config.patch_size), keep)
+      target = masking.gather_tokens(patchify(target, model_config.patch_size), keep)
     else:
       pred, aux = forward(train=True)
-    loss = diffusion.flow_matching_loss(pred, target)
+    loss = rectified_flow.flow_matching_loss(pred, target)
     aux = {k: v for k, v in aux.items() if k != "token_counts"}  # per-token maps: analysis only
     return loss + aux["aux_loss"], (loss, aux)
 
   return loss_fn
 
 
-def make_train_step(graphdef: nnx.GraphDef, model_config: ModelConfig,
-                    config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
-                    null_tokens: jax.Array | None, *, masked: bool,
+def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig,
+                    optimizer: optax.GradientTransformation, null_tokens: jax.Array | None, *,
+                    masked: bool,
                     null_context: tuple[jax.Array, jax.Array] | None = None) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics), not yet jitted.
 
   ``batch`` holds tokens or encoded context (see ``make_loss_fn``)."""
-  loss_fn = make_loss_fn(graphdef, model_config, config, null_tokens, masked, null_context)
+  loss_fn = make_loss_fn(graphdef, cfg, null_tokens, masked, null_context)
   grad_fn = jax.grad(loss_fn, has_aux=True)
-  accum = config.grad_accum_steps
-  schedule = learning_rate_schedule(config)
+  accum = cfg.grad_accum_steps
+  schedule = learning_rate_schedule(cfg)
 
   def train_step(state: TrainState, batch: Batch):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-    batch_size = batch["image"].shape[0]
+    batch_size = batch[batch_keys.IMAGE].shape[0]
     if batch_size % accum:
       raise ValueError(f"batch of {batch_size} is not divisible by "
                        f"config.grad_accum_steps={accum}")
@@ -119,11 +110,11 @@ def make_train_step(graphdef: nnx.GraphDef, model_config: ModelConfig,
     grad_sum, (losses, auxes) = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     loss = jnp.mean(losses)
-    grad_norm = _global_norm(grads)
+    grad_norm = optax.tree_utils.tree_norm(grads)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = ema_decay_at(state.step, config.ema_decay)
+    decay = ema_decay_at(state.step, cfg.ema_decay)
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
 
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains, or runs the tools: CI runs it, the fast lane skips it
+
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 

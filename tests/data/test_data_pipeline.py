@@ -1,84 +1,14 @@
-"""The grain pipeline: batch layout, determinism, process sharding, resumption and bad records."""
-
-import io
-import json
+"""The input pipeline: batch layout, the global order (same batches for any number of
+processes, resumption from a step), bad records and worker processes."""
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from ecdit_jax.data import geneval_shapes as gs
 from ecdit_jax.data import geneval_shapes_tfds as gst
 from ecdit_jax.data import pipeline
 from ecdit_jax.data import tokenizer as tk
-
-SIZE, MAX_LEN = 16, 12
-WORDS = ("a circle", "two squares", "a red triangle", "a blue circle above a square")
-
-
-def _png(array):
-  buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format="PNG")
-  return buffer.getvalue()
-
-
-def _indexed_image(index):
-  """A 16x16 image whose pixels spell out ``index`` so a batch row can be traced to its record."""
-  image = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
-  image[..., 0] = index % 256
-  image[..., 1] = index // 256
-  return image
-
-
-class IndexedSource:
-  """In-memory random-access source: record i has an index-coded image and caption WORDS[i % 4]."""
-
-  def __init__(self, size, encode_every=3):
-    self._size, self._encode_every = size, encode_every
-
-  def __len__(self):
-    return self._size
-
-  def __getitem__(self, index):
-    image = _indexed_image(index)
-    # Mix raw arrays and PNG bytes: both forms occur in real sources.
-    image = _png(image) if index % self._encode_every == 0 else image
-    return {"image": image, "caption": WORDS[index % len(WORDS)].encode()}
-
-
-class PlantedBadSource:
-  """Good records (images 0..5) interleaved with one of each kind of bad record."""
-
-  def __init__(self):
-    def good(i):
-      return {"image": _indexed_image(i), "caption": WORDS[i % 4]}
-
-    truncated_png = _png(_indexed_image(99))[:40]
-    self.records = [
-      good(0),
-      {"image": b"definitely not a png", "caption": "a circle"},  # undecodable
-      good(1),
-      good(2),
-      {"image": _indexed_image(98), "caption": ""},  # empty caption
-      {"image": _indexed_image(97), "caption": "   \n"},  # whitespace caption
-      good(3),
-      {"image": np.zeros((8, 8, 3), np.uint8), "caption": "a circle"},  # wrong size
-      {"image": np.zeros((SIZE, SIZE), np.uint8), "caption": "a circle"},  # no channels
-      {"image": truncated_png, "caption": "a circle"},  # truncated encoding
-      "unreadable",  # __getitem__ raises
-      {"caption": "a circle"},  # missing image
-      good(4),
-      good(5),
-    ]
-
-  def __len__(self):
-    return len(self.records)
-
-  def __getitem__(self, index):
-    record = self.records[index]
-    if isinstance(record, str):
-      raise OSError("storage failure")
-    return record
+from tests.data.records import MAX_LEN, SIZE, WORDS, IndexedSource, PlantedBadSource, record_ids
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +17,17 @@ def tokenizer(tmp_path_factory):
   return tk.train_tokenizer(captions, tmp_path_factory.mktemp("tok") / "t.model", vocab_size=100)
 
 
-def _iterator(source, tokenizer, **overrides):
-  kwargs = dict(tokenizer=tokenizer, batch_size=4, image_size=SIZE, max_text_len=MAX_LEN, seed=7)
-  kwargs.update(overrides)
-  return pipeline.make_dataset_iterator(source, **kwargs)
+def _preprocess(tokenizer, **overrides):
+  kwargs = dict(image_key="image", text_key="caption", **overrides)
+  return pipeline.Preprocess(tokenizer, SIZE, MAX_LEN, **kwargs)
 
 
-def _record_ids(batch):
-  """Record index of each batch row, read back from the index-coded pixels."""
-  pixels = np.rint((batch["image"][:, 0, 0, :2] + 1.0) * 127.5).astype(int)
-  return (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
+def _batches(source, tokenizer, *, global_batch=4, seed=7, process_index=0, process_count=1,
+             start_step=0, worker_count=0, preprocess=None):
+  order = pipeline.GlobalOrder(len(source), seed, global_batch)
+  return pipeline.make_batches(source, preprocess or _preprocess(tokenizer), order=order,
+                               process_index=process_index, process_count=process_count,
+                               start_step=start_step, worker_count=worker_count)
 
 
 def _take(iterator, n):
@@ -112,12 +43,12 @@ def _assert_same_batches(first, second):
 
 
 def test_batch_layout_dtypes_ranges_and_pairing(tokenizer):
-  batch = next(_iterator(IndexedSource(40), tokenizer))
+  batch = next(_batches(IndexedSource(40), tokenizer))
   assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
   assert batch["tokens"].shape == (4, MAX_LEN) and batch["tokens"].dtype == np.int32
   assert batch["num_skipped"] == 0 and batch["num_skipped"].dtype == np.int32
   assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
-  for record, tokens in zip(_record_ids(batch), batch["tokens"]):
+  for record, tokens in zip(record_ids(batch), batch["tokens"]):
     assert tokenizer.decode(tokens) == WORDS[record % 4]  # image and caption stay paired
     assert tokens.tolist().count(tokenizer.eos_id) == 1
 
@@ -127,82 +58,74 @@ def test_geneval_tfds_source_feeds_the_pipeline(tokenizer, tmp_path):
   source = builder.as_data_source("train")
   captions = pipeline.read_captions(source)
   assert captions == [e.caption for e in gs.generate_examples(0, 24, SIZE)]
-  batch = next(_iterator(source, tokenizer, batch_size=8, shuffle=False, num_epochs=1))
-  expected = list(gs.generate_examples(0, 8, SIZE))
+  [(chunk, skipped)] = list(pipeline.read_in_order(source, _preprocess(tokenizer), chunk=100))
+  expected = list(gs.generate_examples(0, 24, SIZE))
+  assert skipped == 0
   np.testing.assert_allclose(
-    batch["image"], np.stack([e.image for e in expected]) / 127.5 - 1.0, atol=1e-6
+    chunk["image"], np.stack([e.image for e in expected]) / 127.5 - 1.0, atol=1e-6
   )
-  assert [tokenizer.decode(t) for t in batch["tokens"]] == [e.caption for e in expected]
+  assert [tokenizer.decode(t) for t in chunk["tokens"]] == [e.caption for e in expected]
 
 
 def test_same_seed_same_batches_other_seed_other_order(tokenizer):
-  first = _take(_iterator(IndexedSource(40), tokenizer), 6)
-  again = _take(_iterator(IndexedSource(40), tokenizer), 6)
-  other = _take(_iterator(IndexedSource(40), tokenizer, seed=8), 6)
+  first = _take(_batches(IndexedSource(40), tokenizer), 6)
+  again = _take(_batches(IndexedSource(40), tokenizer), 6)
+  other = _take(_batches(IndexedSource(40), tokenizer, seed=8), 6)
   _assert_same_batches(first, again)
-  assert [_record_ids(b) for b in first] != [_record_ids(b) for b in other]
-  unshuffled = _take(_iterator(IndexedSource(40), tokenizer, shuffle=False), 2)
-  assert [_record_ids(b) for b in unshuffled] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert [record_ids(b) for b in first] != [record_ids(b) for b in other]
 
 
 def test_epochs_cover_every_record_and_reshuffle(tokenizer):
-  iterator = _iterator(IndexedSource(40), tokenizer)
-  epoch1 = sum((_record_ids(b) for b in _take(iterator, 10)), [])
-  epoch2 = sum((_record_ids(b) for b in _take(iterator, 10)), [])
+  iterator = _batches(IndexedSource(40), tokenizer)
+  epoch1 = sum((record_ids(b) for b in _take(iterator, 10)), [])
+  epoch2 = sum((record_ids(b) for b in _take(iterator, 10)), [])
   assert sorted(epoch1) == sorted(epoch2) == list(range(40))
   assert epoch1 != epoch2
 
 
-def test_single_pass_stops_and_keeps_the_remainder_on_request(tokenizer):
-  kept = list(_iterator(IndexedSource(10), tokenizer, num_epochs=1, drop_remainder=False))
-  assert [len(b["tokens"]) for b in kept] == [4, 4, 2]
-  assert sorted(sum((_record_ids(b) for b in kept), [])) == list(range(10))
-  dropped = list(_iterator(IndexedSource(10), tokenizer, num_epochs=1, drop_remainder=True))
-  assert [len(b["tokens"]) for b in dropped] == [4, 4]
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_processes_read_the_rows_of_the_same_global_batches(tokenizer, process_count):
+  """Any number of processes, each taking its rows, reads exactly one process's batches."""
+  alone = _take(_batches(IndexedSource(30), tokenizer, global_batch=8), 9)  # crosses epochs
+  parts = [_take(_batches(IndexedSource(30), tokenizer, global_batch=8, process_index=p,
+                          process_count=process_count), 9) for p in range(process_count)]
+  for step, batch in enumerate(alone):
+    rows = [part[step] for part in parts]
+    assert record_ids(batch) == sum((record_ids(r) for r in rows), [])
+  with pytest.raises(ValueError, match="does not split"):
+    next(_batches(IndexedSource(30), tokenizer, global_batch=8, process_count=3))
 
 
-def test_process_shards_are_disjoint_and_cover_the_data(tokenizer):
-  shards = []
-  for index in range(3):
-    batches = _iterator(
-      IndexedSource(31),
-      tokenizer,
-      batch_size=2,
-      num_epochs=1,
-      drop_remainder=False,
-      shard_index=index,
-      shard_count=3,
-    )
-    shards.append(set(sum((_record_ids(b) for b in batches), [])))
-  assert sum(len(s) for s in shards) == 31
-  assert set().union(*shards) == set(range(31))
-  # With the JAX defaults (one process here) the only shard is everything.
-  default = _iterator(IndexedSource(31), tokenizer, batch_size=31, num_epochs=1)
-  assert sorted(_record_ids(next(default))) == list(range(31))
-  with pytest.raises(ValueError):
-    _iterator(IndexedSource(31), tokenizer, shard_index=3, shard_count=3)
+@pytest.mark.parametrize("start_step", [3, 12])  # step 12 lies in the second epoch
+def test_starting_at_a_step_gives_the_batches_from_that_step(tokenizer, start_step):
+  straight = _take(_batches(IndexedSource(40), tokenizer), start_step + 5)
+  resumed = _take(_batches(IndexedSource(40), tokenizer, start_step=start_step), 5)
+  _assert_same_batches(resumed, straight[start_step:])
+  # ... and on another number of processes, the same global rows.
+  halves = [_take(_batches(IndexedSource(40), tokenizer, start_step=start_step,
+                           process_index=p, process_count=2), 5) for p in range(2)]
+  for step in range(5):
+    assert record_ids(straight[start_step + step]) == (record_ids(halves[0][step])
+                                                       + record_ids(halves[1][step]))
 
 
-@pytest.mark.parametrize("consumed", [3, 12])  # 12 batches crosses into the second epoch
-def test_restored_state_reproduces_the_following_batches(tokenizer, consumed):
-  iterator = _iterator(IndexedSource(40), tokenizer)
-  _take(iterator, consumed)
-  state = json.loads(json.dumps(iterator.get_state()))  # must survive a JSON checkpoint
-  expected = _take(iterator, 5)
-  resumed = _iterator(IndexedSource(40), tokenizer)
-  resumed.set_state(state)
-  _assert_same_batches(_take(resumed, 5), expected)
-
-
-def test_bad_records_are_skipped_and_counted(tokenizer):
-  source = PlantedBadSource()
-  batches = list(
-    _iterator(source, tokenizer, batch_size=2, shuffle=False, num_epochs=1, drop_remainder=False)
-  )
-  assert [_record_ids(b) for b in batches] == [[0, 1], [2, 3], [4, 5]]
-  # Skips are charged to the batch being filled when they are met; 8 bad records in all.
-  assert [int(b["num_skipped"]) for b in batches] == [1, 2, 5]
-  assert [tokenizer.decode(t) for t in batches[1]["tokens"]] == [WORDS[2], WORDS[3]]
+def test_bad_records_are_replaced_by_the_next_usable_and_counted(tokenizer):
+  source = PlantedBadSource()  # 6 good records among 14
+  order = pipeline.GlobalOrder(len(source), 7, 2)
+  batches = _take(_batches(source, tokenizer, global_batch=2), 7)  # one epoch of positions
+  good = {0: 0, 2: 1, 3: 2, 6: 3, 12: 4, 13: 5}  # record index -> its image's id
+  for step, batch in enumerate(batches):
+    for position, got in zip(range(2 * step, 2 * step + 2), record_ids(batch)):
+      # The record the order puts here, or the first usable one after it in the epoch's
+      # order (cyclically).
+      epoch_start = position // 14 * 14
+      candidates = [order.record(epoch_start + (position + a) % 14) for a in range(14)]
+      expected = next(good[r] for r in candidates if r in good)
+      assert got == expected
+  replaced = sum(int(b["num_skipped"]) for b in batches)
+  assert replaced >= 8  # every bad record's position was filled from further on
+  assert [tokenizer.decode(t) for t in batches[0]["tokens"]] == [
+      WORDS[i % 4] for i in record_ids(batches[0])]
 
 
 def test_source_without_any_usable_record_raises_instead_of_spinning(tokenizer):
@@ -213,36 +136,29 @@ def test_source_without_any_usable_record_raises_instead_of_spinning(tokenizer):
     if isinstance(r, str) or (isinstance(r, dict) and r.get("caption") == "")
   ]
   with pytest.raises(RuntimeError, match="consecutive unusable records"):
-    next(_iterator(source, tokenizer))
+    next(_batches(source, tokenizer))
 
 
-def test_worker_processes_batch_records_in_turn_deterministically_and_resume(tokenizer, tmp_path):
+def test_read_in_order_takes_a_shard_and_counts_skips(tokenizer):
+  chunks = list(pipeline.read_in_order(PlantedBadSource(), _preprocess(tokenizer), chunk=5))
+  assert [record_ids(c) if c else [] for c, _ in chunks] == [[0, 1, 2], [3], [4, 5]]
+  assert [skipped for _, skipped in chunks] == [2, 4, 2]
+  shards = [list(pipeline.read_in_order(IndexedSource(31), _preprocess(tokenizer), chunk=4,
+                                        shard_index=i, shard_count=3)) for i in range(3)]
+  ids = [sum((record_ids(c) for c, _ in shard), []) for shard in shards]
+  assert ids[1] == list(range(1, 31, 3)) and sorted(sum(ids, [])) == list(range(31))
+
+
+def test_worker_processes_give_the_same_batches(tokenizer, tmp_path):
   source = gst.prepare(tmp_path, image_size=SIZE, num_train=40, num_test=4, seed=0).as_data_source(
     "train"
   )
-  reference = _take(_iterator(source, tokenizer), 6)
-  with_workers = _iterator(source, tokenizer, worker_count=2)
+  reference = _take(_batches(source, tokenizer), 6)
+  with_workers = _batches(source, tokenizer, worker_count=2, start_step=2)
   try:
-    first = _take(with_workers, 2)
-    state = with_workers.get_state()
-    rest = _take(with_workers, 4)
+    _assert_same_batches(_take(with_workers, 4), reference[2:])
   finally:
     with_workers.close()
-  # Worker w batches records w, w + 2, ... of the same shuffled order: the same records in
-  # other batches.
-  batch = len(reference[0]["image"])
-  flat = lambda images: np.concatenate(images).reshape(-1, batch * 2, *images[0].shape[1:])
-  ours, theirs = flat([b["image"] for b in first + rest]), flat([b["image"] for b in reference])
-  for pair in range(len(ours)):
-    for worker in range(2):
-      np.testing.assert_array_equal(ours[pair][worker * batch:(worker + 1) * batch],
-                                    theirs[pair][worker::2])
-  resumed = _iterator(source, tokenizer, worker_count=2)
-  try:
-    resumed.set_state(state)
-    _assert_same_batches(_take(resumed, 4), rest)
-  finally:
-    resumed.close()
 
 
 def test_latent_records_are_taken_unscaled_and_bad_latents_skipped(tokenizer):
@@ -266,12 +182,10 @@ def test_latent_records_are_taken_unscaled_and_bad_latents_skipped(tokenizer):
     {"latent": np.zeros((SIZE, SIZE, channels), np.uint8), "caption": b"a circle"},  # not float
     {"latent": latent(1).astype(np.float64), "caption": b"two squares"},
   ]
-  batches = list(
-    _iterator(records, tokenizer, batch_size=2, shuffle=False, num_epochs=1, image_key="latent",
-              latent_channels=channels)
-  )
-  [batch] = batches
-  assert int(batch["num_skipped"]) == 5
-  assert batch["image"].dtype == np.float32 and batch["image"].shape == (2, SIZE, SIZE, channels)
-  np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], [3.5, 4.5])
-  assert [tokenizer.decode(t) for t in batch["tokens"]] == ["a circle", "two squares"]
+  preprocess = pipeline.Preprocess(tokenizer, SIZE, MAX_LEN, "latent", "caption",
+                                   latent_channels=channels)
+  [(chunk, skipped)] = list(pipeline.read_in_order(records, preprocess))
+  assert skipped == 5
+  assert chunk["image"].dtype == np.float32 and chunk["image"].shape == (2, SIZE, SIZE, channels)
+  np.testing.assert_array_equal(chunk["image"][:, 0, 0, 0], [3.5, 4.5])
+  assert [tokenizer.decode(t) for t in chunk["tokens"]] == ["a circle", "two squares"]

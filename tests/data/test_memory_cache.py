@@ -1,13 +1,11 @@
-"""The in-memory dataset: same records as the pipeline, epochs as permutations, resumable."""
-
-import json
+"""The in-memory dataset: the pipeline's records bit for bit, served in the global order."""
 
 import numpy as np
 import pytest
-from test_data_pipeline import MAX_LEN, SIZE, WORDS, IndexedSource, PlantedBadSource, _record_ids
 
 from ecdit_jax.data import memory_cache, pipeline
 from ecdit_jax.data import tokenizer as tk
+from tests.data.records import MAX_LEN, SIZE, WORDS, IndexedSource, PlantedBadSource, record_ids
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +14,17 @@ def tokenizer(tmp_path_factory):
                             vocab_size=40)
 
 
-def _decode(source, tokenizer, **overrides):
-  kwargs = {"tokenizer": tokenizer, "image_size": SIZE, "max_text_len": MAX_LEN,
-            "shard_index": 0, "shard_count": 1, **overrides}
-  return memory_cache.decode_all(source, **kwargs)
+def _preprocess(tokenizer, scale):
+  return pipeline.Preprocess(tokenizer, SIZE, MAX_LEN, "image", "caption", scale=scale)
+
+
+def _decode(source, tokenizer):
+  return memory_cache.decode_all(source, _preprocess(tokenizer, scale=False))
+
+
+def _cached(records, **overrides):
+  kwargs = {"global_batch": 4, "seed": 3, "process_index": 0, "process_count": 1, **overrides}
+  return memory_cache.CachedBatches(records, **kwargs)
 
 
 def _take(iterator, n):
@@ -30,71 +35,60 @@ def test_cached_records_are_bit_for_bit_the_pipelines(tokenizer):
   source = IndexedSource(23)  # PNG-encoded and raw images mixed
   records = _decode(source, tokenizer)
   assert records.images.dtype == np.uint8 and len(records) == 23 and records.num_skipped == 0
-  single_pass = next(pipeline.make_dataset_iterator(
-      source, tokenizer=tokenizer, batch_size=23, image_size=SIZE, max_text_len=MAX_LEN, seed=0,
-      shuffle=False, num_epochs=1, shard_index=0, shard_count=1))
+  [(single_pass, _)] = list(pipeline.read_in_order(source, _preprocess(tokenizer, scale=True)))
   from_cache = records.batch(np.arange(23))
   assert from_cache["image"].dtype == np.float32
   np.testing.assert_array_equal(from_cache["image"], single_pass["image"])
   np.testing.assert_array_equal(from_cache["tokens"], single_pass["tokens"])
 
 
-def test_bad_records_are_skipped_and_counted_once(tokenizer):
+def test_cached_batches_are_the_streamed_ones_when_every_record_is_usable(tokenizer):
+  source = IndexedSource(22)
+  order = pipeline.GlobalOrder(len(source), 3, 4)
+  streamed = _take(pipeline.make_batches(source, _preprocess(tokenizer, scale=True), order=order,
+                                         process_index=0, process_count=1), 12)
+  cached = _take(_cached(_decode(source, tokenizer)), 12)
+  for a, b in zip(cached, streamed):
+    for key in ("image", "tokens"):
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_bad_records_are_left_out_and_counted_once(tokenizer):
   records = _decode(PlantedBadSource(), tokenizer)
   assert records.num_skipped == 8 and len(records) == 6
-  assert _record_ids(records.batch(np.arange(6))) == [0, 1, 2, 3, 4, 5]
-  batches = _take(memory_cache.CachedBatchIterator(records, batch_size=2, seed=0), 5)
+  assert record_ids(records.batch(np.arange(6))) == [0, 1, 2, 3, 4, 5]
+  batches = _take(_cached(records, global_batch=2), 5)
   assert [int(b["num_skipped"]) for b in batches] == [8, 0, 0, 0, 0]
 
 
 def test_each_epoch_is_a_new_permutation_fixed_by_the_seed(tokenizer):
-  records = _decode(IndexedSource(22), tokenizer)
-  # 22 records in batches of 4: 5 batches an epoch, 2 records left out of each epoch.
-  batches = _take(memory_cache.CachedBatchIterator(records, batch_size=4, seed=3), 15)
-  epochs = [[r for b in batches[i:i + 5] for r in _record_ids(b)] for i in (0, 5, 10)]
+  records = _decode(IndexedSource(20), tokenizer)
+  batches = _take(_cached(records), 15)  # 5 batches of 4 an epoch
+  epochs = [[r for b in batches[i:i + 5] for r in record_ids(b)] for i in (0, 5, 10)]
   for ids in epochs:
-    assert len(set(ids)) == 20 and set(ids) <= set(range(22))
+    assert sorted(ids) == list(range(20))
   assert epochs[0] != epochs[1] != epochs[2]
-  again = _take(memory_cache.CachedBatchIterator(records, batch_size=4, seed=3), 15)
-  assert [_record_ids(b) for b in again] == [_record_ids(b) for b in batches]
-  other = _take(memory_cache.CachedBatchIterator(records, batch_size=4, seed=4), 5)
-  assert [_record_ids(b) for b in other] != [_record_ids(b) for b in batches[:5]]
+  again = _take(_cached(records), 15)
+  assert [record_ids(b) for b in again] == [record_ids(b) for b in batches]
+  other = _take(_cached(records, seed=4), 5)
+  assert [record_ids(b) for b in other] != [record_ids(b) for b in batches[:5]]
 
 
-@pytest.mark.parametrize("consumed", [0, 3, 5, 7])  # inside, at the end of and past an epoch
-def test_restored_position_gives_the_following_batches(tokenizer, consumed):
+@pytest.mark.parametrize("start_step", [3, 7])
+def test_any_start_step_and_process_count_give_the_same_global_batches(tokenizer, start_step):
   records = _decode(IndexedSource(22), tokenizer)
-  iterator = memory_cache.CachedBatchIterator(records, batch_size=4, seed=0)
-  _take(iterator, consumed)
-  state = json.loads(json.dumps(iterator.get_state()))  # must survive a JSON checkpoint
-  expected = [_record_ids(b) for b in _take(iterator, 6)]
-  resumed = memory_cache.CachedBatchIterator(records, batch_size=4, seed=0)
-  resumed.set_state(state)
-  assert [_record_ids(b) for b in _take(resumed, 6)] == expected
+  straight = [record_ids(b) for b in _take(_cached(records), start_step + 4)]
+  halves = [_take(_cached(records, start_step=start_step, process_index=p, process_count=2), 4)
+            for p in range(2)]
+  for step in range(4):
+    assert straight[start_step + step] == (record_ids(halves[0][step])
+                                           + record_ids(halves[1][step]))
 
 
-def test_a_position_from_another_dataset_or_batch_size_is_refused(tokenizer):
-  records = _decode(IndexedSource(22), tokenizer)
-  state = memory_cache.CachedBatchIterator(records, batch_size=4, seed=0).get_state()
-  with pytest.raises(ValueError, match="batch_size"):
-    memory_cache.CachedBatchIterator(records, batch_size=2, seed=0).set_state(state)
-  streaming = pipeline.make_dataset_iterator(
-      IndexedSource(22), tokenizer=tokenizer, batch_size=4, image_size=SIZE, max_text_len=MAX_LEN,
-      seed=0, shard_index=0, shard_count=1)
-  with pytest.raises(ValueError, match="cache_in_memory=False"):
-    memory_cache.CachedBatchIterator(records, batch_size=4, seed=0).set_state(
-        streaming.get_state())
-  fewer = _decode(IndexedSource(21), tokenizer)
-  with pytest.raises(ValueError, match="num_records"):
-    memory_cache.CachedBatchIterator(fewer, batch_size=4, seed=0).set_state(state)
-
-
-def test_shards_split_the_records_and_too_few_records_are_refused(tokenizer):
-  shards = [_decode(IndexedSource(10), tokenizer, shard_index=i, shard_count=3) for i in range(3)]
-  ids = [_record_ids(s.batch(np.arange(len(s)))) for s in shards]
-  assert ids == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
-  with pytest.raises(ValueError, match="cannot fill a batch of 5"):
-    memory_cache.CachedBatchIterator(shards[1], batch_size=5, seed=0)
+def test_too_few_records_are_refused(tokenizer):
+  records = _decode(IndexedSource(3), tokenizer)
+  with pytest.raises(ValueError, match="cannot fill a batch of 4"):
+    _cached(records)
   only_bad = PlantedBadSource()
   only_bad.records = [r for r in only_bad.records if isinstance(r, str)] * 2
   with pytest.raises(ValueError, match="no usable record among the 2 "):

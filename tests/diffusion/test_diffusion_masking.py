@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ecdit_jax.diffusion import masking
+from ecdit_jax.model.layers import patchify, unpatchify
 
 
 def test_num_kept_tokens():
@@ -58,24 +59,20 @@ def test_ratio_zero_keeps_everything_in_order():
   np.testing.assert_array_equal(masking.gather_tokens(x, keep), x)
 
 
-def test_gather_scatter_and_keep_mask():
+def test_gather_takes_each_rows_kept_tokens():
   x = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
   keep = jnp.array([[0, 3], [1, 4]], dtype=jnp.int32)
   gathered = masking.gather_tokens(x, keep)
   np.testing.assert_array_equal(
     gathered, np.stack([np.asarray(x)[0, [0, 3]], np.asarray(x)[1, [1, 4]]])
   )
-  mask = masking.keep_mask(keep, 5)
-  np.testing.assert_array_equal(mask, [[1, 0, 0, 1, 0], [0, 1, 0, 0, 1]])
-  restored = masking.scatter_tokens(gathered, keep, 5, fill_value=-1.0)
-  np.testing.assert_array_equal(restored, jnp.where(mask[..., None], x, -1.0))
 
 
 def test_patchify_layout_hand_checked():
   # 4x4 single-channel image with value 10 * row + col, patch size 2.
   rows, cols = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
   image = jnp.asarray((10 * rows + cols)[None, :, :, None], dtype=jnp.float32)
-  tokens = masking.patchify(image, 2)
+  tokens = patchify(image, 2)
   assert tokens.shape == (1, 4, 4)
   np.testing.assert_array_equal(
     tokens[0],
@@ -91,15 +88,15 @@ def test_patchify_layout_hand_checked():
 def test_patchify_channel_order_is_fastest():
   image = jnp.arange(2 * 2 * 3, dtype=jnp.float32).reshape(1, 2, 2, 3)
   # One 2x2 patch: features run (dy, dx, c), i.e. the raw row-major pixel order.
-  np.testing.assert_array_equal(masking.patchify(image, 2)[0, 0], np.arange(12))
+  np.testing.assert_array_equal(patchify(image, 2)[0, 0], np.arange(12))
 
 
 def test_patchify_round_trip_non_square():
   images = jax.random.normal(jax.random.key(0), (2, 8, 12, 3))
-  tokens = masking.patchify(images, 4)
+  tokens = patchify(images, 4)
   assert tokens.shape == (2, 6, 48)
   # Token i * (W/p) + j holds the pixels of patch (i, j).
   np.testing.assert_array_equal(tokens[1, 1 * 3 + 2].reshape(4, 4, 3), images[1, 4:8, 8:12])
-  np.testing.assert_array_equal(masking.unpatchify(tokens, 4, 8, 12), images)
+  np.testing.assert_array_equal(unpatchify(tokens, 4, 8, 12), images)
   with pytest.raises(ValueError):
-    masking.patchify(images, 5)
+    patchify(images, 5)

@@ -14,10 +14,10 @@ def _noise(batch=4096, dim=4, seed=0):
   return jax.random.normal(jax.random.key(seed), (batch, dim))
 
 
-def _max_error(method, gaussian_flow, noise, num_steps, shift=1.0):
+def _max_error(method, gaussian_flow, noise, num_steps):
   run = jax.jit(
     functools.partial(
-      samplers.sample, gaussian_flow.velocity, num_steps=num_steps, method=method, shift=shift
+      samplers.sample, gaussian_flow.velocity, num_steps=num_steps, method=method
     )
   )
   generated = run(noise)
@@ -26,13 +26,21 @@ def _max_error(method, gaussian_flow, noise, num_steps, shift=1.0):
 
 def test_timestep_grid():
   np.testing.assert_allclose(samplers.sampling_timesteps(4), [1.0, 0.75, 0.5, 0.25, 0.0])
-  shifted = np.asarray(samplers.sampling_timesteps(4, shift=3.0))
-  np.testing.assert_allclose(shifted, [1.0, 0.9, 0.75, 0.5, 0.0], rtol=1e-6)
-  assert shifted[0] == 1.0 and shifted[-1] == 0.0
-  with pytest.raises(ValueError, match="shift"):
-    samplers.sampling_timesteps(4, shift=0.5)
   with pytest.raises(ValueError, match="num_steps"):
     samplers.sampling_timesteps(0)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_step_outputs_are_stacked_per_step_without_changing_the_samples(method, gaussian_flow):
+  noise = _noise(batch=8)
+
+  def velocity_and_time(x, t):
+    return gaussian_flow.velocity(x, t), t[0]  # what a step saw: its (first) evaluation's time
+
+  plain = samplers.sample(gaussian_flow.velocity, noise, 4, method)
+  samples, times = samplers.sample(velocity_and_time, noise, 4, method, with_outputs=True)
+  np.testing.assert_array_equal(samples, plain)
+  np.testing.assert_allclose(times, [1.0, 0.75, 0.5, 0.25])
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
@@ -62,30 +70,9 @@ def test_heun_much_more_accurate_than_euler(gaussian_flow):
     assert heun_error < euler_error / 5, (num_steps, euler_error, heun_error)
 
 
-def test_shifted_grid_still_converges(gaussian_flow):
-  noise = _noise(batch=512)
-  # The shifted grid takes larger steps near t = 0, so Euler needs more steps than
-  # on the uniform grid; the limits still leave a margin over the observed errors.
-  for method, limit in (("euler", 0.25), ("heun", 0.005)):
-    coarse, _ = _max_error(method, gaussian_flow, noise, 8, shift=3.0)
-    fine, _ = _max_error(method, gaussian_flow, noise, 32, shift=3.0)
-    assert fine < coarse / 3 and fine < limit, (method, coarse, fine)
-
-
-def test_heun_final_euler_step(gaussian_flow):
-  noise = _noise(batch=256)
-  # With one step and a final Euler step, Heun reduces to exactly one Euler step.
-  out = samplers.heun_sample(gaussian_flow.velocity, noise, 1, final_step_euler=True)
-  np.testing.assert_allclose(
-    out, samplers.euler_sample(gaussian_flow.velocity, noise, 1), rtol=1e-6, atol=1e-6
-  )
-  out = samplers.heun_sample(gaussian_flow.velocity, noise, 32, final_step_euler=True)
-  assert float(jnp.max(jnp.abs(out - gaussian_flow.transport(noise)))) < 0.05
-
-
 def test_sampler_is_deterministic_and_per_sample(gaussian_flow):
   noise = _noise(batch=16)
-  run = jax.jit(lambda z: samplers.heun_sample(gaussian_flow.velocity, z, 6))
+  run = jax.jit(lambda z: samplers.sample(gaussian_flow.velocity, z, 6, method="heun"))
   first, second = run(noise), run(noise)
   np.testing.assert_array_equal(first, second)
   # Each sample depends only on its own noise: a sub-batch gives the same outputs.
@@ -100,7 +87,7 @@ def test_velocity_fn_receives_batched_float32_time():
     return jnp.zeros_like(x)
 
   noise = jnp.ones((3, 2, 2), jnp.bfloat16)
-  out = jax.jit(lambda z: samplers.euler_sample(velocity_fn, z, 5))(noise)
+  out = jax.jit(lambda z: samplers.sample(velocity_fn, z, 5))(noise)
   assert out.dtype == jnp.bfloat16
   assert seen and all(shape == (3,) and dtype == jnp.float32 for shape, dtype in seen)
 
@@ -156,7 +143,7 @@ def test_cfg_uses_one_model_call_on_doubled_batch():
 
   velocity_fn = samplers.cfg_velocity_fn(model_fn, cond, uncond, 3.0)
   noise = jax.random.normal(jax.random.key(0), (2, 2))
-  out = jax.jit(lambda z: samplers.euler_sample(velocity_fn, z, 10))(noise)
+  out = jax.jit(lambda z: samplers.sample(velocity_fn, z, 10))(noise)
   assert out.shape == noise.shape and bool(jnp.all(jnp.isfinite(out)))
   # Traced once inside the loop body: one call on the concatenated [cond; uncond] batch.
   assert batch_sizes == [(4, 4, 4)]

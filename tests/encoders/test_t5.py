@@ -17,7 +17,8 @@ import sentencepiece as spm
 from safetensors.numpy import load_file, save_file
 
 from ecdit_jax.data import tokenizer as tk
-from ecdit_jax.encoders import safetensors_weights, t5
+from ecdit_jax.encoders import convert_torch, safetensors_weights, t5
+from ecdit_jax.errors import ConfigError
 
 VOCAB_SIZE = 100
 NUM_BUCKETS, MAX_DISTANCE = 8, 16
@@ -261,34 +262,24 @@ def save_pytorch_bin(model, directory, max_shard_size: int | None = None):
 
 
 @pytest.mark.parametrize("max_shard_size", [None, 20_000], ids=["single", "sharded"])
-def test_pytorch_bin_checkpoint_matches_transformers(max_shard_size, tmp_path):
+def test_pytorch_bin_checkpoints_are_refused_then_converted_once(max_shard_size, tmp_path):
   hf_model = random_hf_encoder("gated-gelu", seed=6)
   save_pytorch_bin(hf_model, tmp_path, max_shard_size)
   assert not list(tmp_path.glob("*.safetensors*"))
+  # A pickle is never read at run time: the error names the one-off converter.
+  with pytest.raises(ConfigError, match="python -m ecdit_jax.encoders.convert_torch"):
+    t5.load_t5_encoder(tmp_path)
+  written = convert_torch.convert(str(tmp_path))
   if max_shard_size is not None:
-    index_file = tmp_path / "pytorch_model.bin.index.json"
-    with open(index_file, encoding="utf-8") as f:
-      index = json.load(f)
-    assert len(set(index["weight_map"].values())) > 2
-    # An unused shard, listed but absent, must not be opened.
-    index["weight_map"]["decoder.final_layer_norm.weight"] = "pytorch_model-absent.bin"
-    with open(index_file, "w", encoding="utf-8") as f:
-      json.dump(index, f)
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(written) > 3
   model = t5.load_t5_encoder(tmp_path)
   ids, mask = padded_batch(np.random.default_rng(7))
   np.testing.assert_allclose(model(ids, mask), hf_hidden(hf_model, ids, mask), **TOLERANCE)
-
-  # Tensors are dropped once handed out; asking again reads them again.
   key = "encoder.final_layer_norm.weight"
   with contextlib.closing(safetensors_weights.open_checkpoint(tmp_path)) as reader:
-    assert isinstance(reader, safetensors_weights.TorchBinReader)
-    first = reader.read(key)
-    np.testing.assert_array_equal(reader.read(key), first)
-  np.testing.assert_array_equal(first, hf_model.state_dict()[key].numpy())
-  if max_shard_size is not None:
-    os.remove(tmp_path / index["weight_map"][key])
-    with pytest.raises(FileNotFoundError, match="checkpoint shard not found"):
-      t5.load_t5_encoder(tmp_path)
+    np.testing.assert_array_equal(reader.read(key), hf_model.state_dict()[key].numpy())
+  with pytest.raises(ConfigError, match="never overwrite"):
+    convert_torch.convert(str(tmp_path))
 
 
 def test_safetensors_preferred_over_pytorch_bin(encoder_pair, tmp_path):
@@ -301,7 +292,7 @@ def test_safetensors_preferred_over_pytorch_bin(encoder_pair, tmp_path):
   np.testing.assert_allclose(t5.load_t5_encoder(tmp_path)(ids, mask),
                              hf_hidden(hf_model, ids, mask), **TOLERANCE)
   os.remove(tmp_path / "model.safetensors")
-  with pytest.raises(ValueError, match="pytorch_model.bin"):
+  with pytest.raises(ConfigError, match="pytorch_model.bin"):
     t5.load_t5_encoder(tmp_path)
 
 

@@ -14,7 +14,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from safetensors.numpy import load_file, save_file
 
-from ecdit_jax.encoders import vae
+from ecdit_jax.encoders import convert_torch, vae
+from ecdit_jax.errors import ConfigError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Config overrides: an SD-like two-stage VAE, and an SD3-like three-stage one with SD3's scale and
@@ -138,11 +139,14 @@ def test_sharded_checkpoint_loads_the_same(vae_pair, tmp_path):
   np.testing.assert_array_equal(sharded.encode(x)[0], model.encode(x)[0])
 
 
-def test_pytorch_bin_checkpoint_matches_diffusers(tmp_path):
+def test_pytorch_bin_checkpoint_is_refused_then_converted_and_matches_diffusers(tmp_path):
   hf_model = random_hf_vae(seed=8)
   hf_model.save_pretrained(tmp_path, safe_serialization=False)
   assert (tmp_path / "diffusion_pytorch_model.bin").exists()
   assert not list(tmp_path.glob("*.safetensors*"))
+  with pytest.raises(ConfigError, match="convert_torch"):
+    vae.load_vae(tmp_path)
+  assert convert_torch.convert(str(tmp_path)) == [str(tmp_path / WEIGHTS)]
   model = vae.load_vae(tmp_path)
   x = images((16, 16), seed=9)
   z = np.random.default_rng(10).normal(size=(2, 8, 8, 4)).astype(np.float32)  # 16x16 decoded

@@ -7,7 +7,11 @@ import pytest
 import scipy.linalg
 from PIL import Image
 
+from safetensors.numpy import save_file
+
 from ecdit_jax.data import geneval_shapes_tfds
+from ecdit_jax.encoders import convert_torch
+from ecdit_jax.errors import ConfigError
 from ecdit_jax.eval import fid, inception
 from tests.eval.reference_models import save_random_fid_inception
 
@@ -21,6 +25,7 @@ def pytorch_fid_reference(tmp_path_factory):
   torch = pytest.importorskip("torch")
   path = tmp_path_factory.mktemp("inception") / "fid_inception_random.pth"
   network = save_random_fid_inception(path)
+  [path] = convert_torch.convert(str(path))  # the .pth once to safetensors, as users do
 
   rng = np.random.default_rng(2)
   inputs = {
@@ -54,18 +59,22 @@ def test_inception_matches_pytorch_fid(pytorch_fid_reference):
 
 
 def test_inception_weight_file_errors(tmp_path):
-  torch = pytest.importorskip("torch")
-  with pytest.raises(FileNotFoundError, match=r"absent\.pth.*pytorch-fid"):
+  with pytest.raises(FileNotFoundError, match=r"absent\.pth.*pytorch-fid.*convert_torch"):
     inception.load_fid_inception(tmp_path / "absent.pth")
+  pickle = tmp_path / "pt_inception.pth"
+  pickle.write_bytes(b"never unpickled")
+  with pytest.raises(ConfigError, match=r"convert_torch .*pt_inception\.pth"):
+    inception.load_fid_inception(pickle)
   # torchvision's ImageNet Inception has a 1000-way classifier: not the FID network.
-  torchvision_head = tmp_path / "torchvision_head.pth"
-  torch.save({"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)},
-             torchvision_head)
+  torchvision_head = tmp_path / "torchvision_head.safetensors"
+  save_file({"fc.weight": np.zeros((1000, 2048), np.float32),
+             "fc.bias": np.zeros(1000, np.float32)}, str(torchvision_head))
   with pytest.raises(ValueError, match=r"fc\.weight has shape \(1000, 2048\)"):
     inception.load_fid_inception(torchvision_head)
-  head_only = tmp_path / "head_only.pth"
-  torch.save({"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}, head_only)
-  with pytest.raises(ValueError, match=r"head_only\.pth .* lacks Conv2d_1a_3x3\.\w+\.\w+"):
+  head_only = tmp_path / "head_only.safetensors"
+  save_file({"fc.weight": np.zeros((1008, 2048), np.float32),
+             "fc.bias": np.zeros(1008, np.float32)}, str(head_only))
+  with pytest.raises(ValueError, match=r"head_only\.safetensors .* lacks Conv2d_1a_3x3\.\w+"):
     inception.load_fid_inception(head_only)
 
 

@@ -213,11 +213,29 @@ def test_counting_and_object_verdicts():
   assert sc.score_image(image, "three triangles")
   assert not sc.score_image(image, "two triangles")
   assert not sc.score_image(image, "four triangles")
-  _draw(image, "square", BLUE, (2, 20, 10, 28))  # other shapes do not disturb counting
-  assert sc.score_image(image, "three triangles")
-  assert sc.score_image(image, "a triangle and a square")
-  assert not sc.score_image(image, "a triangle and a circle")
-  assert not sc.score_image(image, "a triangle")  # single_object allows no other object
+  _draw(image, "square", BLUE, (2, 20, 10, 28))  # the image must hold only what is named
+  assert not sc.score_image(image, "three triangles")
+  assert not sc.score_image(image, "a triangle and a square")
+  two = _draw(_draw(_canvas(), "triangle", RED, (2, 2, 10, 10)), "square", BLUE,
+              (2, 20, 10, 28))
+  assert sc.score_image(two, "a triangle and a square")
+  assert sc.score_image(two, "a red triangle and a blue square")
+  assert not sc.score_image(two, "a blue triangle and a red square")
+  assert not sc.score_image(two, "a triangle and a circle")
+  assert not sc.score_image(two, "a triangle")  # single_object allows no other object
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_images_of_coloured_blocks_score_near_zero(size):
+  """Random palette-coloured 8x8 blocks: every block a 'square', many objects an image."""
+  captions = [e.caption for e in _dataset(size, 60, seed=6)]
+  rng = np.random.default_rng(size + 1)
+  palette = np.array([gen.PALETTE[c] for c in gen.COLORS] + [(0, 0, 0)], np.uint8)
+  blocks = palette[rng.integers(0, len(palette), (len(captions), size // 8, size // 8))]
+  images = blocks.repeat(8, axis=1).repeat(8, axis=2)
+  result = sc.score_batch(images, captions)
+  for category, accuracy in result["per_category"].items():
+    assert accuracy <= 0.05, (category, accuracy)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """Routing analysis: per-token expert counts recorded while sampling, object/background split."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from ecdit_jax.data import geneval_shapes as gen
 from ecdit_jax.eval import routing
+from ecdit_jax.inference.sampler import make_sampler
 from ecdit_jax.model import ModelConfig, TextToImageDiT
 from ecdit_jax.model.config import expert_capacity
-from tests.model.model_testing import perturbed
+from tests.tiny import perturbed
 
 
 def _model():
@@ -22,14 +23,19 @@ def _model():
   return config, graphdef, perturbed(params)
 
 
+@pytest.mark.slow
 def test_recorded_counts_obey_expert_choice_and_vary_by_token():
   config, graphdef, params = _model()
   tokens = jnp.array([[5, 6, 1, 0, 0, 0, 0, 0], [7, 1, 0, 0, 0, 0, 0, 0]])
   null = jnp.array([1, 0, 0, 0, 0, 0, 0, 0])
-  noise = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
-  images, counts = routing.record_routing(graphdef, params, tokens, null, noise, num_steps=3,
-                                          cfg_scale=2.0, capacity_factor=1.0)
+  settings = dict(num_steps=3, cfg_scale=2.0, method="euler", capacity_factor=1.0)
+  recording = make_sampler(graphdef, config, record_routing=True, **settings)
+  images, counts = recording(params, tokens, null, seed=2)
   assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+  # Recording changes nothing in the images: they are those the plain sampler draws.
+  np.testing.assert_array_equal(images, make_sampler(graphdef, config, **settings)(
+      params, tokens, null, seed=2))
+  counts = np.asarray(counts)
   assert counts.shape == (3, len(config.moe_layer_indices), 2, config.num_tokens)
   # Every expert takes exactly C tokens of its image, whatever the step or layer.
   capacity = expert_capacity(config.num_tokens, 1.0, config.num_experts)

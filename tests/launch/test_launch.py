@@ -239,6 +239,7 @@ def test_notebook_is_clean():
   assert [cell for cell in code if "parameters" in cell.metadata.get("tags", [])] == [code[0]]
 
 
+@pytest.mark.slow
 def test_notebook_trains_on_cpu(data_dir, tmp_path):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")

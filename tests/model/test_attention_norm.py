@@ -18,26 +18,25 @@ def reference_rms_norm(x, scale):
 @pytest.mark.parametrize("sizes, row_view", [(None, True), ({"fsdp": 8}, True),
                                              ({"fsdp": 4, "tensor": 2}, False)])
 def test_head_rms_norm_matches_reference_with_and_without_split_heads(sizes, row_view):
-  norm = attention.HeadRMSNorm(6, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+  mesh = None if sizes is None else mesh_lib.create_mesh(mesh_lib.MeshConfig(**sizes))
+  layer = attention.Attention(48, 8, 8, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                              param_dtype=jnp.float32, qk_norm=True, mesh=mesh)
+  # The layer decides the form from its mesh: the row view while heads are whole everywhere.
+  assert layer.query_norm.row_view == layer.key_norm.row_view == row_view
+  norm = attention.HeadRMSNorm(6, rngs=nnx.Rngs(0), param_dtype=jnp.float32, row_view=row_view)
   norm.scale[...] = jnp.linspace(0.5, 2.0, 6)
   x = 3.0 * jax.random.normal(jax.random.key(0), (8, 5, 4, 6)) + 1.0
   expected = reference_rms_norm(x, norm.scale[...])
   graphdef, params = nnx.split(norm)
 
   def forward(params, x):
-    # Which form the trace takes: the row view only while heads are whole on every device.
-    assert attention._heads_unsplit() == row_view  # pylint: disable=protected-access
     return nnx.merge(graphdef, params)(x)
 
-  if sizes is None:
-    got = jax.jit(forward)(params, x)
-  else:
-    mesh = mesh_lib.create_mesh(sizes)
+  if mesh is not None:
     names = (mesh_lib.BATCH, None, "heads", "kv")
     x = jax.device_put(x, jax.sharding.NamedSharding(
         mesh, mesh_lib.logical_to_mesh(names, x.shape, mesh)))
-    with jax.set_mesh(mesh):
-      got = jax.jit(forward)(params, x)
+  got = jax.jit(forward)(params, x)
   assert got.shape == x.shape
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 

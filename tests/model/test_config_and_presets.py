@@ -6,7 +6,7 @@ from ecdit_jax.model import ConfigError, ModelConfig
 from ecdit_jax.model.counting import abstract_model, count_params
 from ecdit_jax.model.presets import model_overrides, preset_names
 
-from model_testing import tiny_config
+from tests.tiny import tiny_model_config
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -25,7 +25,7 @@ from model_testing import tiny_config
 ])
 def test_bad_values_name_the_key(overrides, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-    tiny_config(**overrides)
+    tiny_model_config(**overrides)
 
 
 def test_unknown_key_is_named():
@@ -35,12 +35,12 @@ def test_unknown_key_is_named():
 
 def test_capacity_check_counts_the_routing_group():
   # 16 tokens per image, 64 experts, f = 2: C = round(0.5) = 1 per image is allowed ...
-  tiny_config(num_experts=64, capacity_factor=2.0)
+  tiny_model_config(num_experts=64, capacity_factor=2.0)
   # ... and f = 0.5 fails per image but works when 4 images share a routing group.
   with pytest.raises(ConfigError):
-    tiny_config(num_experts=64, capacity_factor=0.5, eval_capacity_factor=0.5)
-  tiny_config(num_experts=64, capacity_factor=0.5, eval_capacity_factor=0.5,
-              routing_group_size=4)
+    tiny_model_config(num_experts=64, capacity_factor=0.5, eval_capacity_factor=0.5)
+  tiny_model_config(num_experts=64, capacity_factor=0.5, eval_capacity_factor=0.5,
+                    routing_group_size=4)
 
 
 def test_unknown_preset_is_rejected():

@@ -9,7 +9,7 @@ from flax import nnx
 from ecdit_jax.model import TextToImageDiT, layers
 from ecdit_jax.model.text import TextEncoder
 
-from model_testing import tiny_config
+from tests.tiny import tiny_model_config
 
 
 def inputs(config, batch=2, seed=0):
@@ -33,7 +33,7 @@ def perturb_all_params(model, seed=3, scale=0.05):
                                            ("every", "expert_choice"),
                                            ("every_other", "token_choice"), ("none", None)])
 def test_output_shapes_and_aux(layout, router):
-  config = tiny_config(num_layers=2, moe_layout=layout, router=router or "expert_choice")
+  config = tiny_model_config(num_layers=2, moe_layout=layout, router=router or "expert_choice")
   model = TextToImageDiT(config, rngs=nnx.Rngs(0))
   x, t, tokens = inputs(config)
   out, aux = model(x, t, tokens)
@@ -46,14 +46,14 @@ def test_output_shapes_and_aux(layout, router):
 
 
 def test_adaln_zero_initialisation_outputs_zero():
-  config = tiny_config()
+  config = tiny_model_config()
   model = TextToImageDiT(config, rngs=nnx.Rngs(0))
   out, _ = model(*inputs(config))
   np.testing.assert_array_equal(out, 0.0)
 
 
 def test_token_masking_returns_kept_patch_tokens():
-  config = tiny_config()
+  config = tiny_model_config()
   model = TextToImageDiT(config, rngs=nnx.Rngs(0))
   perturb_all_params(model)
   x, t, tokens = inputs(config)
@@ -65,7 +65,7 @@ def test_token_masking_returns_kept_patch_tokens():
 
 
 def test_images_in_a_batch_are_independent_with_per_image_routing():
-  config = tiny_config(num_layers=4)
+  config = tiny_model_config(num_layers=4)
   model = TextToImageDiT(config, rngs=nnx.Rngs(0))
   perturb_all_params(model)
   x, t, tokens = inputs(config)
@@ -75,7 +75,7 @@ def test_images_in_a_batch_are_independent_with_per_image_routing():
 
 
 def test_padding_tokens_do_not_change_the_output():
-  config = tiny_config()
+  config = tiny_model_config()
   model = TextToImageDiT(config, rngs=nnx.Rngs(0))
   perturb_all_params(model)
   x, t, tokens = inputs(config)
@@ -95,7 +95,7 @@ def test_padding_tokens_do_not_change_the_output():
 
 
 def test_timestep_changes_the_prediction():
-  config = tiny_config()
+  config = tiny_model_config()
   model = TextToImageDiT(config, rngs=nnx.Rngs(0))
   perturb_all_params(model)
   x, t, tokens = inputs(config)
@@ -105,7 +105,7 @@ def test_timestep_changes_the_prediction():
 
 
 def test_bfloat16_compute_with_float32_params():
-  config = tiny_config(dtype="bfloat16")
+  config = tiny_model_config(dtype="bfloat16")
   model = TextToImageDiT(config, rngs=nnx.Rngs(0))
   perturb_all_params(model)
   for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
@@ -143,7 +143,7 @@ def test_sincos_positions_are_distinct_and_bounded():
 
 
 def test_text_encoder_rejects_too_long_text():
-  config = tiny_config()
+  config = tiny_model_config()
   encoder = TextEncoder(config, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="text_max_len"):
     encoder(jnp.ones((1, config.text_max_len + 1), jnp.int32))
@@ -151,7 +151,7 @@ def test_text_encoder_rejects_too_long_text():
 
 def test_every_parameter_carries_logical_axis_names():
   from ecdit_jax.parallel import axes
-  config = tiny_config(moe_layout="every")
+  config = tiny_model_config(moe_layout="every")
   model = TextToImageDiT(config, rngs=nnx.Rngs(0))
   specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
   params = nnx.state(model, nnx.Param)
@@ -168,14 +168,15 @@ def test_every_parameter_carries_logical_axis_names():
   assert len(expert_specs) == 4 and all(s[0] == axes.EXPERT for s in expert_specs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["block", "dots"])
 def test_remat_recomputes_blocks_and_keeps_the_gradients(remat):
-  plain = TextToImageDiT(tiny_config(), rngs=nnx.Rngs(0))
+  plain = TextToImageDiT(tiny_model_config(), rngs=nnx.Rngs(0))
   perturb_all_params(plain)
   graphdef, params = nnx.split(plain, nnx.Param)
-  remat_graphdef, _ = nnx.split(TextToImageDiT(tiny_config(remat=remat), rngs=nnx.Rngs(0)),
+  remat_graphdef, _ = nnx.split(TextToImageDiT(tiny_model_config(remat=remat), rngs=nnx.Rngs(0)),
                                 nnx.Param)
-  x, t, tokens = inputs(tiny_config())
+  x, t, tokens = inputs(tiny_model_config())
 
   def loss(graphdef):
     return lambda p: jnp.mean(nnx.merge(graphdef, p)(x, t, tokens)[0] ** 2)
@@ -191,4 +192,4 @@ def test_remat_recomputes_blocks_and_keeps_the_gradients(remat):
 def test_bad_remat_policy_names_the_key():
   from ecdit_jax.model import ConfigError
   with pytest.raises(ConfigError, match=r"config\.model\.remat"):
-    tiny_config(remat="everything")
+    tiny_model_config(remat="everything")

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 from jax.extend import core as jax_core
-from model_testing import tiny_config
+from tests.tiny import tiny_model_config
 
-from ecdit_jax.diffusion.generate import generate
+from ecdit_jax.inference.sampler import generate
 from ecdit_jax.model import TextToImageDiT
 from ecdit_jax.model import flops as F
 from ecdit_jax.model.config import ModelConfig
@@ -95,7 +95,7 @@ VARIANTS = {
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_forward_equals_the_traced_model(name):
   overrides, call_kwargs, batch = VARIANTS[name]
-  config = tiny_config(**overrides)
+  config = tiny_model_config(**overrides)
   counted = F.forward_flops_per_image(config, **call_kwargs)
   traced = traced_forward(config, batch, **call_kwargs)
   for key in ("total", "backbone", "text_encoder"):
@@ -104,7 +104,7 @@ def test_forward_equals_the_traced_model(name):
 
 
 def test_short_prompts_and_masked_tokens_equal_the_traced_model():
-  config = tiny_config()
+  config = tiny_model_config()
   graphdef, state = nnx.split(TextToImageDiT(config, rngs=nnx.Rngs(0)))
   x, t, tokens = model_inputs(config, batch=2, text_len=5)
   keep = jnp.tile(jnp.array([0, 3, 5, 9, 10, 15], jnp.int32), (2, 1))
@@ -120,7 +120,7 @@ def test_short_prompts_and_masked_tokens_equal_the_traced_model():
 
 @pytest.mark.parametrize("kv_heads", [None, 2, 1])
 def test_attention_components_equal_the_traced_modules(kv_heads):
-  config = tiny_config(num_kv_heads=kv_heads, text_hidden_size=24, text_num_heads=3)
+  config = tiny_model_config(num_kv_heads=kv_heads, text_hidden_size=24, text_num_heads=3)
   block = TextToImageDiT(config, rngs=nnx.Rngs(0)).dit.blocks[0]
   n, length, layers = config.num_tokens, config.text_max_len, config.num_layers
   x = jnp.zeros((1, n, config.hidden_size))
@@ -135,8 +135,8 @@ def test_attention_components_equal_the_traced_modules(kv_heads):
     parts = [f"{kind}_{p}" for p in ("q", "k", "v", "out", "scores_values")]
     assert sum(counted[p] for p in parts) / layers == traced, kind
   # Grouped KV heads shrink the key/value projections, and nothing else.
-  full = F.forward_flops_per_image(tiny_config(text_hidden_size=24, text_num_heads=3,
-                                               num_kv_heads=None))
+  full = F.forward_flops_per_image(tiny_model_config(text_hidden_size=24, text_num_heads=3,
+                                                     num_kv_heads=None))
   ratio = config.kv_heads / config.num_heads
   for key in ("self_attn_k", "self_attn_v", "cross_attn_k", "cross_attn_v"):
     assert counted[key] == ratio * full[key]
@@ -147,7 +147,7 @@ def test_attention_components_equal_the_traced_modules(kv_heads):
 
 @pytest.mark.parametrize("router", ["expert_choice", "token_choice"])
 def test_moe_components_equal_the_traced_layer(router):
-  config = tiny_config(router=router)
+  config = tiny_model_config(router=router)
   ffn = TextToImageDiT(config, rngs=nnx.Rngs(0)).dit.blocks[1].ffn
   x = jnp.zeros((2, config.num_tokens, config.hidden_size))
   traced = trace_flops(lambda x: ffn(x, train=False, capacity_factor=1.5), x) / 2
@@ -157,8 +157,8 @@ def test_moe_components_equal_the_traced_layer(router):
 
 @pytest.mark.parametrize("factor", [0.25, 0.5, 1.0, 1.3, 2.0, 3.0, 4.0])
 def test_expert_choice_experts_cost_about_f_dense_ffns(factor):
-  dense = F.forward_flops_per_image(tiny_config(moe_layout="none", num_layers=3))["ffn_dense"]
-  config = tiny_config(moe_layout="every", num_layers=3)
+  dense = F.forward_flops_per_image(tiny_model_config(moe_layout="none", num_layers=3))["ffn_dense"]
+  config = tiny_model_config(moe_layout="every", num_layers=3)
   experts = F.forward_flops_per_image(config, capacity_factor=factor)["moe_experts"]
   # C rounds N f / E to whole tokens: at most half a token per expert off from f x dense.
   per_token = dense / config.num_tokens
@@ -173,14 +173,14 @@ def test_expert_choice_experts_cost_about_f_dense_ffns(factor):
 
 
 def test_token_choice_experts_cost_top_k_times_buffer_factor():
-  config = tiny_config(moe_layout="every", router="token_choice", token_choice_top_k=2,
-                       token_choice_capacity_factor=1.25, num_experts=2)
-  dense = F.forward_flops_per_image(tiny_config(moe_layout="none"))["ffn_dense"]
+  config = tiny_model_config(moe_layout="every", router="token_choice", token_choice_top_k=2,
+                             token_choice_capacity_factor=1.25, num_experts=2)
+  dense = F.forward_flops_per_image(tiny_model_config(moe_layout="none"))["ffn_dense"]
   # 16 tokens x 2 choices x 1.25 / 2 experts = 20 slots, clipped to the 16 tokens.
-  assert F.moe_capacity(config, 16) == 16
+  assert config.moe_capacity(16) == 16
   assert F.forward_flops_per_image(config)["moe_experts"] == 2 * dense
-  wide = tiny_config(moe_layout="every", router="token_choice", num_experts=8)
-  assert F.moe_capacity(wide, 16) == 5  # round(16 x 2 x 1.25 / 8) = round(5.0)
+  wide = tiny_model_config(moe_layout="every", router="token_choice", num_experts=8)
+  assert wide.moe_capacity(16) == 5  # round(16 x 2 x 1.25 / 8) = round(5.0)
   assert F.forward_flops_per_image(wide)["moe_experts"] == 8 * 5 / 16 * dense
 
 
@@ -196,7 +196,7 @@ def test_xl_without_text_matches_the_dit_papers_dit_xl_2():
 
 
 def test_training_is_three_forwards_and_bounds_the_traced_backward():
-  config = tiny_config()
+  config = tiny_model_config()
   forward = F.forward_flops_per_image(config, train=True)
   train = F.train_flops_per_image(config)
   assert set(train) == set(forward)
@@ -220,7 +220,7 @@ def test_training_is_three_forwards_and_bounds_the_traced_backward():
 @pytest.mark.parametrize("method", ["euler", "heun"])
 @pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
 def test_generation_equals_the_traced_sampler(method, cfg_scale):
-  config = tiny_config(eval_capacity_factor=1.0)
+  config = tiny_model_config(eval_capacity_factor=1.0)
   graphdef, state = nnx.split(TextToImageDiT(config, rngs=nnx.Rngs(0)))
   x, _, tokens = model_inputs(config, batch=2)
 
@@ -248,7 +248,7 @@ def test_preset_table_reports_the_flops():
 
 def test_evaluation_report_has_flops_per_forward_and_per_image():
   from ecdit_jax.evaluate import flops_report, format_table
-  config = tiny_config()
+  config = tiny_model_config()
   report = flops_report(config, capacity_factor=0.5, num_steps=4, method="heun")
   assert report == F.generation_flops_per_image(config, num_steps=4, method="heun",
                                                 capacity_factor=0.5)
@@ -265,7 +265,7 @@ def test_format_flops():
 
 
 def test_out_of_range_arguments_fail():
-  config = tiny_config(num_experts=8)
+  config = tiny_model_config(num_experts=8)
   with pytest.raises(ValueError, match="num_tokens"):
     F.forward_flops_per_image(config, num_tokens=config.num_tokens + 1)
   with pytest.raises(ValueError, match="text_tokens"):

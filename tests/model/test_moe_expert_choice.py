@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_testing import tiny_config
+from tests.tiny import tiny_model_config
 
-from ecdit_jax.model import expert_capacity, moe
+from ecdit_jax.model import expert_capacity, moe, routing
 from ecdit_jax.model.layers import FeedForward
 
 
@@ -32,7 +32,7 @@ def reference_expert_choice(x, router_w, w_in, b_in, w_out, b_out, capacity_fact
 
 
 def make_layer(**overrides):
-  config = tiny_config(**overrides)
+  config = tiny_model_config(**overrides)
   return moe.ExpertChoiceFFN(config, rngs=nnx.Rngs(0)), config
 
 
@@ -91,7 +91,7 @@ def test_gradients_match_reference(method):
 def test_every_expert_takes_exactly_capacity_tokens():
   logits = jax.random.normal(jax.random.key(5), (3, 20, 4))
   capacity = expert_capacity(20, 2.0, 4)
-  gates, token_index = moe.expert_choice_route(logits, capacity)
+  gates, token_index = routing.expert_choice_route(logits, capacity)
   assert token_index.shape == (3, 4, capacity) == gates.shape
   for g in range(3):
     for e in range(4):
@@ -100,7 +100,7 @@ def test_every_expert_takes_exactly_capacity_tokens():
       scores = np.asarray(jax.nn.softmax(logits[g], axis=-1))[:, e]
       # ... and they are that expert's C best-scoring tokens.
       np.testing.assert_array_equal(np.sort(chosen), np.sort(np.argsort(-scores)[:capacity]))
-  counts = moe.experts_per_token(token_index, 20)
+  counts = routing.expert_counts(token_index, 20)
   assert int(counts.sum()) == 3 * 4 * capacity
 
 
@@ -210,9 +210,9 @@ def test_dispatch_methods_agree_in_bf16():
 
 
 def test_unknown_dispatch_method_names_the_key():
-  from ecdit_jax.model import ConfigError
+  from ecdit_jax.errors import ConfigError
   with pytest.raises(ConfigError, match=r"config\.model\.moe_dispatch='scatter'"):
-    tiny_config(moe_dispatch="scatter")
+    tiny_model_config(moe_dispatch="scatter")
 
 
 def test_hybrid_dispatch_and_combine_have_the_einsum_gradients():
@@ -221,14 +221,14 @@ def test_hybrid_dispatch_and_combine_have_the_einsum_gradients():
   and gates, in float32."""
   k1, k2, k3, k4 = jax.random.split(jax.random.key(7), 4)
   groups = jax.random.normal(k1, (3, 12, 8))
-  gates, token_index = moe.expert_choice_route(jax.random.normal(k2, (3, 12, 4)), 5)
+  gates, token_index = routing.expert_choice_route(jax.random.normal(k2, (3, 12, 4)), 5)
   head = jax.random.normal(k3, (4, 8, 8))  # a per-expert map between dispatch and combine
   cotangent = jax.random.normal(k4, (3, 12, 8))
 
   def through(method, groups, gates):
-    out = moe.dispatch(groups, token_index, method, jnp.float32)
+    out = routing.dispatch(groups, token_index, method, jnp.float32)
     out = jnp.einsum("gecd,edf->gecf", out, head)
-    return jnp.sum(moe.combine(out, gates, token_index, 12, method) * cotangent)
+    return jnp.sum(routing.combine(out, gates, token_index, 12, method) * cotangent)
 
   want = jax.grad(lambda *a: through("einsum", *a), argnums=(0, 1))(groups, gates)
   got = jax.jit(jax.grad(lambda *a: through("hybrid", *a), argnums=(0, 1)))(groups, gates)

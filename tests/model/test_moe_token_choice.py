@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ecdit_jax.model import moe
+from ecdit_jax.model import moe, routing
 
-from model_testing import tiny_config
+from tests.tiny import tiny_model_config
 
 
 def test_all_tokens_prefer_one_expert_overflow_is_dropped_in_token_order():
   # 6 tokens, 3 experts, top-1, capacity 2: everyone wants expert 0.
   logits = jnp.tile(jnp.array([[[5.0, 0.0, -5.0]]]), (1, 6, 1))
-  route = moe.token_choice_route(logits, top_k=1, capacity=2)
+  route = routing.token_choice_route(logits, top_k=1, capacity=2)
   np.testing.assert_array_equal(route["expert"][0, :, 0], 0)
   np.testing.assert_array_equal(route["kept"][0, :, 0], [1, 1, 0, 0, 0, 0])
   np.testing.assert_array_equal(route["slot_token"][0, 0], [0, 1])
@@ -24,7 +24,7 @@ def test_all_tokens_prefer_one_expert_overflow_is_dropped_in_token_order():
 def test_first_choices_fill_before_second_choices():
   # Token 0 wants (0, 1); token 1 wants (1, 0). Capacity 1: both first choices win.
   logits = jnp.array([[[2.0, 1.0], [1.0, 2.0]]])
-  route = moe.token_choice_route(logits, top_k=2, capacity=1)
+  route = routing.token_choice_route(logits, top_k=2, capacity=1)
   np.testing.assert_array_equal(route["expert"][0], [[0, 1], [1, 0]])
   np.testing.assert_array_equal(route["kept"][0], [[True, False], [True, False]])
   np.testing.assert_allclose(route["gate"].sum(-1), 1.0, rtol=1e-6)  # renormalised over k
@@ -35,11 +35,11 @@ def test_load_balance_loss_hand_checked():
   # f = (1, 0), P = (0.9, 0.1) -> E * sum f P = 2 * 0.9.
   scores = jnp.array([[[0.9, 0.1], [0.9, 0.1]]])
   expert = jnp.array([[[0], [0]]])
-  np.testing.assert_allclose(moe.load_balance_loss(scores, expert), 1.8, rtol=1e-6)
+  np.testing.assert_allclose(routing.load_balance_loss(scores, expert), 1.8, rtol=1e-6)
   # Perfectly uniform routing gives exactly 1.
   scores = jnp.full((1, 4, 2), 0.5)
   expert = jnp.array([[[0], [1], [0], [1]]])
-  np.testing.assert_allclose(moe.load_balance_loss(scores, expert), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(routing.load_balance_loss(scores, expert), 1.0, rtol=1e-6)
 
 
 def reference_token_choice(x, layer, capacity):
@@ -77,12 +77,12 @@ def reference_token_choice(x, layer, capacity):
 
 @pytest.mark.parametrize("factor", [0.5, 1.25])
 def test_forward_matches_loop_reference(factor):
-  config = tiny_config(router="token_choice", token_choice_top_k=2,
-                       token_choice_capacity_factor=factor)
+  config = tiny_model_config(router="token_choice", token_choice_top_k=2,
+                             token_choice_capacity_factor=factor)
   layer = moe.TokenChoiceFFN(config, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 16, config.hidden_size))
   y, aux = layer(x)
-  capacity = layer.capacity(16, factor)
+  capacity = {0.5: 4, 1.25: 10}[factor]  # k f S / E slots: 2 x f x 16 / 4, rounded
   np.testing.assert_allclose(y, reference_token_choice(x, layer, capacity), rtol=1e-4, atol=1e-5)
   if factor < 1:  # buffers of 4 slots x 4 experts cannot hold 32 choices: some are dropped
     assert float(aux["experts_per_token"]) < 2.0

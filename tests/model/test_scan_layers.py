@@ -12,9 +12,9 @@ from ecdit_jax.model.layer_stacking import (cast_for_compute, stack_block_params
                                             unstack_block_params)
 from ecdit_jax.parallel import axes
 from ecdit_jax.parallel import mesh as mesh_lib
-from ecdit_jax.train.state import to_pure_dict
+from ecdit_jax.model.params import to_pure_dict
 
-from model_testing import perturbed, tiny_config
+from tests.tiny import perturbed, tiny_model_config
 
 LAYOUTS = ["every_other", "every", "none"]
 
@@ -41,8 +41,8 @@ def _inputs(config, batch=2):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_same_seed_gives_the_unrolled_weights_stacked(layout):
-  unrolled = TextToImageDiT(tiny_config(num_layers=4, moe_layout=layout), rngs=nnx.Rngs(0))
-  config = tiny_config(num_layers=4, moe_layout=layout, scan_layers=True)
+  unrolled = TextToImageDiT(tiny_model_config(num_layers=4, moe_layout=layout), rngs=nnx.Rngs(0))
+  config = tiny_model_config(num_layers=4, moe_layout=layout, scan_layers=True)
   scanned = TextToImageDiT(config, rngs=nnx.Rngs(0))
   want, got = _stacked(_params(unrolled), config.layer_period), _params(scanned)
   assert jax.tree.structure(got) == jax.tree.structure(want)
@@ -65,6 +65,7 @@ def test_same_seed_gives_the_unrolled_weights_stacked(layout):
     stack_block_params(got["dit"], config.layer_period)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,remat,router,dtype,dispatch,train", [
     ("every_other", "none", "expert_choice", "float32", "gather", True),
     ("every_other", "dots", "expert_choice", "float32", "gather", True),
@@ -75,8 +76,8 @@ def test_scanned_outputs_and_gradients_equal_the_unrolled_ones(layout, remat, ro
                                                                dispatch, train):
   overrides = dict(num_layers=4, moe_layout=layout, remat=remat, router=router, dtype=dtype,
                    moe_dispatch=dispatch, eval_capacity_factor=1.0)
-  unrolled_config = tiny_config(**overrides)
-  scanned_config = tiny_config(scan_layers=True, **overrides)
+  unrolled_config = tiny_model_config(**overrides)
+  scanned_config = tiny_model_config(scan_layers=True, **overrides)
   # bfloat16: the scan casts the stacked weights once, before the loop; the values are the
   # ones the unrolled blocks cast at use, so only XLA's different fusion of the bf16
   # arithmetic separates the two.
@@ -123,7 +124,7 @@ def test_scanned_outputs_and_gradients_equal_the_unrolled_ones(layout, remat, ro
 
 
 def test_the_cast_before_the_scan_keeps_the_router_and_norms_in_float32():
-  config = tiny_config(num_layers=4, scan_layers=True, dtype="bfloat16")
+  config = tiny_model_config(num_layers=4, scan_layers=True, dtype="bfloat16")
   block = TextToImageDiT(config, rngs=nnx.Rngs(0)).dit.stacked_blocks[1]
   cast = to_pure_dict(cast_for_compute(nnx.state(block, nnx.Param), jnp.bfloat16))
   flat = {jax.tree_util.keystr(path): leaf
@@ -151,14 +152,14 @@ def _equation_count(config):
 
 def test_the_program_does_not_grow_with_depth():
   # Unrolled, each block adds its equations; scanned, depth only changes the scan's length.
-  unrolled = [_equation_count(tiny_config(num_layers=n)) for n in (2, 6)]
-  scanned = [_equation_count(tiny_config(num_layers=n, scan_layers=True)) for n in (2, 6)]
+  unrolled = [_equation_count(tiny_model_config(num_layers=n)) for n in (2, 6)]
+  scanned = [_equation_count(tiny_model_config(num_layers=n, scan_layers=True)) for n in (2, 6)]
   assert unrolled[1] > unrolled[0] + 50
   assert scanned[1] == scanned[0]
 
 
 def test_stacked_parameters_keep_the_layers_axis_whole():
-  config = tiny_config(num_layers=4, scan_layers=True)
+  config = tiny_model_config(num_layers=4, scan_layers=True)
   model = TextToImageDiT(config, rngs=nnx.Rngs(0))
   specs = to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
   blocks = jax.tree.leaves(specs["dit"]["stacked_blocks"],
@@ -173,7 +174,7 @@ def test_stacked_parameters_keep_the_layers_axis_whole():
 
 def test_a_depth_the_pattern_does_not_divide_names_the_keys():
   with pytest.raises(ConfigError, match=r"config\.model\.scan_layers.*config\.model\.num_layers"):
-    tiny_config(num_layers=3, scan_layers=True)
-  tiny_config(num_layers=3, scan_layers=True, moe_layout="every")  # a pattern of one block
+    tiny_model_config(num_layers=3, scan_layers=True)
+  tiny_model_config(num_layers=3, scan_layers=True, moe_layout="every")  # a pattern of one block
   with pytest.raises(ConfigError, match=r"config\.model\.scan_layers"):
-    tiny_config(scan_layers="yes")
+    tiny_model_config(scan_layers="yes")

@@ -1,31 +1,40 @@
 """Data, FSDP and expert parallelism give the single-device numbers: the forward output, the
 gradients and three training steps, on meshes of 8 simulated CPU devices."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from ecdit_jax.model import ModelConfig
+from ecdit_jax import config as config_lib
+from ecdit_jax.errors import ConfigError
 from ecdit_jax.model.layer_stacking import stack_block_params, unstack_block_params
 from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.train import sharding
 from ecdit_jax.train.optimizer import make_optimizer
 from ecdit_jax.train.state import create_train_state
 from ecdit_jax.train.step import make_loss_fn, make_train_step
+from tests.tiny import perturbed, tiny_train_config
 
-from tests.model.model_testing import perturbed
-from tests.train.train_testing import tiny_train_config
+pytestmark = pytest.mark.slow  # trains, or runs the tools: CI runs it, the fast lane skips it
 
+# expert x tensor: the experts' hidden width split over `tensor` inside shard_map, their partial
+# outputs summed with psum.
 MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 4},
-          {"data": 2, "fsdp": 2, "expert": 2}]
+          {"data": 2, "fsdp": 2, "expert": 2}, {"data": 2, "expert": 2, "tensor": 2}]
 
 
-def _config(**overrides):
-  config = tiny_train_config("", **overrides)
-  config.model.update(image_size=16, num_experts=4, routing_group_size=2)
-  return config
+def _config(**overrides) -> config_lib.TrainConfig:
+  config = tiny_train_config("", **{"model.image_size": 16, "model.routing_group_size": 2,
+                                    **overrides})
+  return config_lib.TrainConfig.from_mapping(config)
+
+
+def _mesh(sizes):
+  return mesh_lib.create_mesh(mesh_lib.MeshConfig(**sizes))
 
 
 def _batches(model_config, count, size=8):
@@ -44,19 +53,18 @@ def _null(model_config):
 def _run(config, mesh, batches, prepare=perturbed):
   """Gradients at the first batch and the losses/params of three steps, on ``mesh`` or on one
   device when ``mesh`` is None; ``prepare`` turns the initial parameters into the ones used."""
-  model_config = ModelConfig.from_mapping(config.model)
   optimizer = make_optimizer(config)
-  null = _null(model_config)
+  null = _null(config.model)
   if mesh is None:
-    graphdef, state = create_train_state(model_config, optimizer, config.seed)
+    graphdef, state = create_train_state(config.model, optimizer, config.seed)
     shardings = None
   else:
-    graphdef, state, shardings = sharding.init_train_state(model_config, optimizer, config.seed,
+    graphdef, state, shardings = sharding.init_train_state(config.model, optimizer, config.seed,
                                                            mesh)
   state = state.replace(params=prepare(state.params))
-  loss_fn = make_loss_fn(graphdef, model_config, config, null, masked=True)
+  loss_fn = make_loss_fn(graphdef, config, null, masked=True)
   grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
-  step_fn = make_train_step(graphdef, model_config, config, optimizer, null, masked=True)
+  step_fn = make_train_step(graphdef, config, optimizer, null, masked=True)
   if mesh is None:
     step = jax.jit(step_fn)
     grads, (_, aux) = grad_fn(state.params, batches[0], jax.random.key(7))
@@ -66,31 +74,32 @@ def _run(config, mesh, batches, prepare=perturbed):
       losses.append(float(metrics["loss"]))
     return grads, aux, losses, state
   step = sharding.jit_train_step(step_fn, shardings, mesh)
-  with jax.set_mesh(mesh):
-    state = jax.device_put(state, shardings)
-    first = sharding.global_batch(batches[0], mesh)
-    grads, (_, aux) = grad_fn(state.params, first, jax.random.key(7))
-    program = str(jax.make_jaxpr(loss_fn)(state.params, first, jax.random.key(7)))
-    # Experts really run distributed: tokens travel to their experts' devices and back.
-    assert (program.count("all_to_all") == 2) == (mesh.shape["expert"] > 1)
-    losses = []
-    for batch in batches:
-      state, metrics = step(state, sharding.global_batch(batch, mesh))
-      losses.append(float(metrics["loss"]))
+  state = jax.device_put(state, shardings)
+  first = sharding.global_batch(batches[0], mesh)
+  grads, (_, aux) = grad_fn(state.params, first, jax.random.key(7))
+  program = str(jax.make_jaxpr(loss_fn)(state.params, first, jax.random.key(7)))
+  # Experts really run distributed: tokens travel to their experts' devices and back; with the
+  # hidden width split over `tensor`, the partial outputs are summed across it.
+  assert (program.count("all_to_all") == 2) == (mesh.shape["expert"] > 1)
+  assert ("psum" in program) == (mesh.shape["expert"] > 1 and mesh.shape["tensor"] > 1)
+  losses = []
+  for batch in batches:
+    state, metrics = step(state, sharding.global_batch(batch, mesh))
+    losses.append(float(metrics["loss"]))
   return grads, aux, losses, state
 
 
 @pytest.fixture(scope="module")
 def reference():
   config = _config(**{"diffusion.mask_ratio": 0.5, "grad_accum_steps": 2})
-  batches = _batches(ModelConfig.from_mapping(config.model), 3)
+  batches = _batches(config.model, 3)
   return config, batches, _run(config, None, batches)
 
 
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda s: "x".join(f"{k}{v}" for k, v in s.items()))
 def test_sharded_training_equals_single_device(sizes, reference):
   config, batches, (grads0, aux0, losses0, state0) = reference
-  mesh = mesh_lib.create_mesh(sizes)
+  mesh = _mesh(sizes)
   grads, aux, losses, state = _run(config, mesh, batches)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
@@ -112,13 +121,13 @@ def test_scan_over_layers_trains_as_the_unrolled_model_on_a_mesh(reference):
   """Stacked blocks on an FSDP x expert mesh: the unrolled single-device gradients, losses and
   parameters once converted back, with the stacked weights split as their unrolled ones."""
   config, batches, _ = reference
-  config = config.copy_and_resolve_references()
-  config.model.num_layers = 4  # two repeats of the dense/MoE pair
+  with_model = lambda **changes: config.replace(model=dataclasses.replace(config.model, **changes))
+  config = with_model(num_layers=4)  # two repeats of the dense/MoE pair
   grads0, aux0, losses0, state0 = _run(config, None, batches)
-  config.model.scan_layers = True
+  config = with_model(num_layers=4, scan_layers=True)
   unstack = lambda p: {**p, "dit": unstack_block_params(p["dit"])}
   stack = lambda p: {**p, "dit": stack_block_params(p["dit"], 2)}
-  mesh = mesh_lib.create_mesh({"fsdp": 2, "expert": 4})
+  mesh = _mesh({"fsdp": 2, "expert": 4})
   grads, aux, losses, state = _run(config, mesh, batches,
                                    prepare=lambda p: stack(perturbed(unstack(p))))
   for got, want in zip(jax.tree.leaves(unstack(grads)), jax.tree.leaves(grads0)):
@@ -137,24 +146,25 @@ def test_expert_parallel_layer_pads_groups_that_do_not_divide(method):
   dropped, and the result and its gradients are still the single-device ones, with each
   dispatch method."""
   config = _config(**{"model.moe_dispatch": method})
-  model_config = ModelConfig.from_mapping(config.model)
-  graphdef, state = create_train_state(model_config, make_optimizer(config), 0)
+  mesh = _mesh({"data": 2, "expert": 4})
+  graphdef, state = create_train_state(config.model, make_optimizer(config), 0)
+  ep_graphdef, _ = create_train_state(config.model, make_optimizer(config), 0, mesh)
   params = perturbed(state.params)
   x = jax.random.normal(jax.random.key(3), (6, 16, 16, 3))
   t = jax.random.uniform(jax.random.key(4), (6,))
   tokens = jnp.tile(jnp.array([[5, 6, 7, 1] + [0] * 8]), (6, 1))
 
-  def forward(params, x, t, tokens):
+  def forward(graphdef, params):
     return nnx.merge(graphdef, params)(x, t, tokens, train=False)[0]
 
   cotangent = jax.random.normal(jax.random.key(5), x.shape)
   # Gradients too: the dispatch methods differ most in their backward passes.
-  loss = lambda p: jnp.sum(forward(p, x, t, tokens) * cotangent)
-  expected, expected_grads = jax.jit(forward)(params, x, t, tokens), jax.jit(jax.grad(loss))(params)
-  mesh = mesh_lib.create_mesh({"data": 2, "expert": 4})
-  with jax.set_mesh(mesh):
-    assert "all_to_all" in str(jax.make_jaxpr(jax.grad(loss))(params))  # experts distributed
-    got, grads = jax.jit(forward)(params, x, t, tokens), jax.jit(jax.grad(loss))(params)
+  loss = lambda graphdef: lambda p: jnp.sum(forward(graphdef, p) * cotangent)
+  expected = jax.jit(lambda p: forward(graphdef, p))(params)
+  expected_grads = jax.jit(jax.grad(loss(graphdef)))(params)
+  assert "all_to_all" in str(jax.make_jaxpr(jax.grad(loss(ep_graphdef)))(params))
+  got = jax.jit(lambda p: forward(ep_graphdef, p))(params)
+  grads = jax.jit(jax.grad(loss(ep_graphdef)))(params)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   w_in = lambda g: g["dit"]["blocks"][1]["ffn"]["experts"]["w_in"]
   assert float(jnp.abs(w_in(expected_grads)).max()) > 0
@@ -163,11 +173,9 @@ def test_expert_parallel_layer_pads_groups_that_do_not_divide(method):
 
 
 def test_config_errors_name_the_mesh_key():
-  from ecdit_jax.model import ConfigError
-  from ecdit_jax.train.loop import validate_config
   with pytest.raises(ConfigError, match=r"config\.mesh\.expert=8"):
-    validate_config(_config(**{"mesh.data": 1, "mesh.expert": 8}))  # 4 experts
+    config_lib.check_devices(_config(**{"mesh.data": 1, "mesh.expert": 8}), 8, 1)  # 4 experts
   with pytest.raises(ConfigError, match="batch shards"):
-    validate_config(_config(batch_size=12))  # 8 data shards
-  with pytest.raises(mesh_lib.MeshConfigError, match=r"config\.mesh"):
-    validate_config(_config(**{"mesh.data": 3}))
+    config_lib.check_devices(_config(batch_size=12), 8, 1)  # 8 data shards
+  with pytest.raises(ConfigError, match=r"config\.mesh"):
+    config_lib.check_devices(_config(**{"mesh.data": 3}), 8, 1)

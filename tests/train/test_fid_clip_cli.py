@@ -15,14 +15,17 @@ import scipy.linalg
 from PIL import Image
 
 from ecdit_jax.data import geneval_shapes_tfds
-from ecdit_jax.encoders import clip, clip_tokenizer
+from ecdit_jax.encoders import clip, clip_tokenizer, convert_torch
 from tests.eval.reference_models import (
   pytorch_fid_features,
   save_random_fid_inception,
   transformers_clip_cosines,
   write_clip_tokenizer_dir,
 )
-from tests.train.test_cli import TINY, run
+from tests.commands import run
+from tests.tiny import tiny_train_flags
+
+pytestmark = pytest.mark.slow  # trains, or runs the tools: CI runs it, the fast lane skips it
 
 NUM_IMAGES = 10
 
@@ -55,11 +58,10 @@ def test_fid_and_clip_match_reference_implementations(data_dir, tmp_path):
   transformers = pytest.importorskip("transformers")
   workdir = str(tmp_path / "run")
   result = run(["ecdit_jax.main", "--config=configs/default.py", f"--workdir={workdir}",
-                f"--config.data.data_dir={data_dir}", "--config.num_train_steps=2",
-                "--config.sample_every_steps=0", "--config.eval_every_steps=0", *TINY])
+                *tiny_train_flags(**{"data.data_dir": data_dir, "num_train_steps": 2})])
   assert result.returncode == 0, result.stderr[-3000:]
-  inception_path = tmp_path / "pt_inception_random.pth"
-  inception_net = save_random_fid_inception(inception_path)
+  inception_net = save_random_fid_inception(tmp_path / "pt_inception_random.pth")
+  [inception_path] = convert_torch.convert(str(tmp_path / "pt_inception_random.pth"))
   clip_dir = tmp_path / "clip"
   clip_dir.mkdir()
   hf_clip, tokenizer = _save_random_clip(clip_dir, transformers, torch)

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ecdit_jax.model import ConfigError
-from ecdit_jax.train.loop import train_and_evaluate, validate_config
+from ecdit_jax.train.loop import train_and_evaluate
 from ecdit_jax.train.profiling import ProfileWindow
+from tests.tiny import tiny_train_config
 
-from train_testing import tiny_train_config
+pytestmark = pytest.mark.slow  # trains, or runs the tools: CI runs it, the fast lane skips it
 
 
 def test_profile_window_cut_short_by_the_end_of_the_run(data_dir, tmp_path, capsys):
@@ -28,13 +28,6 @@ def test_profile_window_cut_short_by_the_end_of_the_run(data_dir, tmp_path, caps
   # The trace was stopped: another one can start.
   jax.profiler.start_trace(str(tmp_path / "again"))
   jax.profiler.stop_trace()
-
-
-@pytest.mark.parametrize("key,value", [("num_steps", -1), ("skip_steps", -3)])
-def test_bad_profile_values_name_the_key(data_dir, key, value):
-  config = tiny_train_config(data_dir, **{f"profile.{key}": value})
-  with pytest.raises(ConfigError, match=f"config.profile.{key}"):
-    validate_config(config)
 
 
 def test_a_window_opened_by_a_later_call_reports_the_steps_it_traced(tmp_path, capsys):

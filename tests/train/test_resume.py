@@ -10,12 +10,14 @@ from flax import nnx
 
 from ecdit_jax.model import ConfigError, ModelConfig
 from ecdit_jax.model.config import COMPUTE_ONLY_KEYS
-from ecdit_jax.train.checkpoint import Checkpointer, check_same_model
-from ecdit_jax.train.inference import load_run
+from ecdit_jax.checkpoint import Checkpointer, check_same_model
+from ecdit_jax.inference.run import load_run
 from ecdit_jax.train.loop import train_and_evaluate
-from ecdit_jax.train.state import build_model, to_pure_dict
+from ecdit_jax.model.params import build_model, to_pure_dict
 
-from train_testing import tiny_train_config
+from tests.tiny import tiny_train_config
+
+pytestmark = pytest.mark.slow  # trains, or runs the tools: CI runs it, the fast lane skips it
 
 
 def read_losses(workdir):
@@ -91,6 +93,26 @@ def test_compute_only_keys_leave_the_parameters_as_they_are(key, values):
   lines = check_same_model({"model": {key: values[0]}}, {"model": {key: values[1]}})
   assert lines == [f"config.model.{key}: saved {values[0]!r} vs now {values[1]!r}"]
   assert check_same_model({"model": config}, {"model": config}) == []
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path, capsys):
+  workdir = str(tmp_path / "damaged")
+  train_and_evaluate(tiny_train_config(data_dir), workdir)  # checkpoints at steps 3 and 6
+  first_run = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  os.remove(os.path.join(workdir, "checkpoints", "6", "state", "_METADATA"))
+  capsys.readouterr()
+  # Inference takes the newest step that reads, and says which it passed over.
+  assert load_run(workdir).step == 3
+  assert "the checkpoint of step 6 cannot be read" in capsys.readouterr().err
+  # Training resumes from step 3, sets step 6 aside (nothing is deleted) and saves it anew.
+  state = train_and_evaluate(tiny_train_config(data_dir), workdir)
+  out = capsys.readouterr().out
+  assert "the checkpoint of step 6 cannot be read" in out and "resumed from step 3" in out
+  assert os.path.exists(os.path.join(workdir, "checkpoints_damaged", "6", "state"))
+  assert int(state.step) == 6 and Checkpointer(workdir).all_steps() == [3, 6]
+  second_run = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  again = {r["step"]: r["loss"] for r in second_run[len(first_run):]}
+  assert again == {r["step"]: r["loss"] for r in first_run if r["step"] > 3}  # exact resume
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_checkpoints(data_dir, tmp_path):

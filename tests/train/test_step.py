@@ -4,19 +4,19 @@ optimizer are applied once per step."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from ecdit_jax.model import ModelConfig
+from ecdit_jax.config import TrainConfig
 from ecdit_jax.train.optimizer import make_optimizer
 from ecdit_jax.train.state import create_train_state
 from ecdit_jax.train.step import ema_decay_at, make_loss_fn, make_train_step
-
-from train_testing import tiny_train_config
+from tests.tiny import tiny_train_config
 
 
 def _setup(batch_size, seed, **overrides):
   """A tiny model's config, optimizer, initial state, null caption and a random batch."""
-  config = tiny_train_config("", ema_decay=0.9, **overrides)
-  model_config = ModelConfig.from_mapping(config.model)
+  config = TrainConfig.from_mapping(tiny_train_config("", ema_decay=0.9, **overrides))
+  model_config = config.model
   optimizer = make_optimizer(config)
   graphdef, state = create_train_state(model_config, optimizer, seed=0)
   null = np.zeros(model_config.text_max_len, np.int32)
@@ -28,13 +28,14 @@ def _setup(batch_size, seed, **overrides):
   return config, model_config, optimizer, graphdef, state, null, batch
 
 
+@pytest.mark.slow
 def test_accumulated_step_equals_mean_of_microbatch_gradients():
   config, model_config, optimizer, graphdef, state, null, batch = _setup(8, 0, grad_accum_steps=2)
-  new_state, metrics = jax.jit(make_train_step(graphdef, model_config, config, optimizer, null,
+  new_state, metrics = jax.jit(make_train_step(graphdef, config, optimizer, null,
                                                masked=False))(state, batch)
 
   # The same step by hand: two strided halves (rows i, i + 2, ...), each with its own key.
-  loss_fn = make_loss_fn(graphdef, model_config, config, null, masked=False)
+  loss_fn = make_loss_fn(graphdef, config, null, masked=False)
   _, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
   grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
   grads, losses = [], []
@@ -56,9 +57,10 @@ def test_accumulated_step_equals_mean_of_microbatch_gradients():
   assert int(new_state.step) == 1
 
 
+@pytest.mark.slow
 def test_nonfinite_step_leaves_the_state_bit_for_bit_and_a_finite_one_moves_it():
   config, model_config, optimizer, graphdef, state, null, batch = _setup(4, 1)
-  step = jax.jit(make_train_step(graphdef, model_config, config, optimizer, null, masked=False))
+  step = jax.jit(make_train_step(graphdef, config, optimizer, null, masked=False))
   # Move off the initial state first, so the EMA and optimizer moments differ from the params.
   state, _ = step(state, batch)
   poisoned = dict(batch, image=batch["image"].copy())

@@ -7,14 +7,16 @@ import jax
 import numpy as np
 import pytest
 
-from ecdit_jax.model import ConfigError
+from ecdit_jax.checkpoint import Checkpointer
+from ecdit_jax.config import DiffusionConfig, TrainConfig
+from ecdit_jax.data.batch import CONTEXT_RANKS
 from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.train import sharding
-from ecdit_jax.train.checkpoint import Checkpointer
-from ecdit_jax.train.loop import _steps_in_call, train_and_evaluate, validate_config
-from ecdit_jax.train.text_conditioning import CONTEXT_BATCH_RANKS
+from ecdit_jax.train.loop import train_and_evaluate
+from ecdit_jax.train.setup import steps_in_call
+from tests.tiny import tiny_train_config
 
-from train_testing import tiny_train_config
+pytestmark = pytest.mark.slow  # trains, or runs the tools: CI runs it, the fast lane skips it
 
 
 def logged(workdir):
@@ -55,42 +57,32 @@ def test_several_steps_a_call_match_one_step_a_call_across_a_resume(data_dir, tm
 
 
 def test_steps_in_call_stop_at_multiples_the_end_and_the_unmasked_switch():
-  # (step, total, per_call, unmasked_from) -> steps in the call
-  assert _steps_in_call(0, 10, 4, 10) == 4
-  assert _steps_in_call(8, 10, 4, 10) == 2  # the end
-  assert _steps_in_call(3, 10, 4, 10) == 1  # resumed off a multiple: realign
-  assert _steps_in_call(4, 10, 4, 6) == 2  # the switch to unmasked steps
-  assert _steps_in_call(6, 10, 4, 6) == 2  # after the switch: realign to 8
-  assert _steps_in_call(5, 9, 1, 7) == 1
+  def steps(step, total, per_call, unmasked_from):
+    cfg = TrainConfig(num_train_steps=total, steps_per_call=per_call, log_every_steps=per_call,
+                      checkpoint_every_steps=per_call, sample_every_steps=0,
+                      eval_every_steps=0, diffusion=DiffusionConfig(
+                          mask_ratio=0.5, unmasked_final_steps=total - unmasked_from))
+    return steps_in_call(cfg, step)
 
-
-@pytest.mark.parametrize("key", ["log_every_steps", "checkpoint_every_steps",
-                                 "sample_every_steps", "eval_every_steps"])
-def test_intervals_that_split_a_call_name_the_key(data_dir, key):
-  intervals = {"log_every_steps": 4, "checkpoint_every_steps": 4, "sample_every_steps": 4,
-               "eval_every_steps": 4, key: 6}
-  config = tiny_train_config(data_dir, steps_per_call=4, **intervals)
-  with pytest.raises(ConfigError, match=f"config.{key}=6 must be a multiple of "
-                                        "config.steps_per_call=4"):
-    validate_config(config)
-
-
-def test_steps_per_call_must_be_positive(data_dir):
-  with pytest.raises(ConfigError, match="config.steps_per_call"):
-    validate_config(tiny_train_config(data_dir, steps_per_call=0))
+  assert steps(0, 10, 4, 10) == 4
+  assert steps(8, 10, 4, 10) == 2  # the end
+  assert steps(3, 10, 4, 10) == 1  # resumed off a multiple: realign
+  assert steps(4, 10, 4, 6) == 2  # the switch to unmasked steps
+  assert steps(6, 10, 4, 6) == 2  # after the switch: realign to 8
+  assert steps(5, 9, 1, 7) == 1
 
 
 def test_encoded_context_batches_stack_split_over_the_batch_axes():
   # Batches of frozen-encoder context, as the loop stacks them: on a data x fsdp mesh of the
   # 8 devices, the stack keeps each batch's rows where they were and adds a whole steps axis.
-  mesh = mesh_lib.create_mesh({"data": 4, "fsdp": 2})
+  mesh = mesh_lib.create_mesh(mesh_lib.MeshConfig(data=4, fsdp=2))
   rng = np.random.default_rng(0)
   host = [{"image": rng.standard_normal((16, 4, 4, 3), np.float32),
            "context": rng.standard_normal((16, 5, 8), np.float32),
            "context_lengths": rng.integers(1, 6, 16).astype(np.int32)} for _ in range(3)]
-  stacked = sharding.make_batch_stacker(mesh, CONTEXT_BATCH_RANKS)(
+  stacked = sharding.make_batch_stacker(mesh, CONTEXT_RANKS)(
       [sharding.global_batch(batch, mesh) for batch in host])
-  for key, rank in CONTEXT_BATCH_RANKS.items():
+  for key, rank in CONTEXT_RANKS.items():
     np.testing.assert_array_equal(stacked[key], np.stack([batch[key] for batch in host]))
     assert stacked[key].sharding.spec == sharding.stacked_batch_sharding(mesh, rank + 1).spec
     assert stacked[key].sharding.spec[0] is None

@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ecdit_jax.checkpoint import check_same_model
+from ecdit_jax.config import TrainConfig, upgrade
 from ecdit_jax.data import latents as latent_format
-from ecdit_jax.encoders import clip, random_init, safetensors_weights
+from ecdit_jax.encoders import clip, frozen, random_init, safetensors_weights
 from ecdit_jax.encoders.t5 import load_t5_encoder
-from ecdit_jax.model import ConfigError, ModelConfig, TextToImageDiT
+from ecdit_jax.errors import ConfigError
+from ecdit_jax.model import ModelConfig, TextToImageDiT
 from ecdit_jax.model.keys import ParamKeys
-from ecdit_jax.train import input_pipeline, loop, text_conditioning
-from ecdit_jax.train.checkpoint import check_same_model
-from ecdit_jax.train.state import build_model, to_pure_dict
+from ecdit_jax.model.params import build_model, to_pure_dict
+from ecdit_jax.train import input as input_lib
 from ecdit_jax.train.step import make_loss_fn
 from tests.eval.reference_models import write_clip_tokenizer_dir
-
-from train_testing import tiny_train_config
+from tests.tiny import tiny_train_config
 
 CAPTIONS = ["a red circle", "two squares", "a blue triangle above a green square", ""]
 T5_WIDTH = 32  # random_init's default d_model
@@ -42,10 +43,9 @@ def pretrained_model_config(kind="t5", **overrides):
 
 
 def test_frozen_t5_gives_the_directly_loaded_encoders_states(t5_dir):
-  frozen = text_conditioning.load_frozen_text_encoder("t5", t5_dir, "float32",
-                                                      pretrained_model_config())
-  tokens = frozen.tokenize(CAPTIONS)
-  context, lengths = jax.jit(frozen.encode)(frozen.placed(None).params, tokens)
+  encoder = frozen.load_frozen_text_encoder("t5", t5_dir, "float32", pretrained_model_config())
+  tokens = encoder.tokenize(CAPTIONS)
+  context, lengths = jax.jit(encoder.encode)(encoder.placed(None).params, tokens)
   # T5 pads with 0 after the eos (1): the valid length is the number of non-pad tokens.
   np.testing.assert_array_equal(lengths, (tokens != 0).sum(axis=1))
   assert lengths[-1] == 1 and context.shape == (len(CAPTIONS), 12, T5_WIDTH)
@@ -54,7 +54,7 @@ def test_frozen_t5_gives_the_directly_loaded_encoders_states(t5_dir):
   for row, length in enumerate(np.asarray(lengths)):
     np.testing.assert_allclose(context[row, :length], direct[row, :length], rtol=1e-5,
                                atol=1e-5)
-  null_context, null_length = frozen.null_caption()
+  null_context, null_length = encoder.null_caption()
   assert int(null_length) == 1
   np.testing.assert_allclose(null_context[:1], context[-1, :1], rtol=1e-5, atol=1e-5)
 
@@ -77,10 +77,10 @@ def test_frozen_clip_text_tower_from_a_text_only_directory(tmp_path):
   saved = random_init.random_module(lambda: _ClipTextCheckpoint(config, ParamKeys(0)), seed=1)
   safetensors_weights.save_parameters(saved, tmp_path / "model.safetensors")
   (tmp_path / "config.json").write_text(json.dumps({**values, "architectures": ["CLIPTextModel"]}))
-  frozen = text_conditioning.load_frozen_text_encoder("clip", str(tmp_path), "float32",
-                                                      pretrained_model_config("clip"))
-  tokens = frozen.tokenize(CAPTIONS)
-  context, lengths = jax.jit(frozen.encode)(frozen.params, tokens)
+  encoder = frozen.load_frozen_text_encoder("clip", str(tmp_path), "float32",
+                                            pretrained_model_config("clip"))
+  tokens = encoder.tokenize(CAPTIONS)
+  context, lengths = jax.jit(encoder.encode)(encoder.params, tokens)
   # CLIP pads with the end token itself: the length runs to the first one.
   np.testing.assert_array_equal(lengths, np.argmax(tokens == eos, axis=1) + 1)
   assert lengths[-1] == 2  # "" is start + end
@@ -89,16 +89,17 @@ def test_frozen_clip_text_tower_from_a_text_only_directory(tmp_path):
     np.testing.assert_allclose(context[row, :length], direct[row, :length], rtol=1e-5,
                                atol=1e-5)
   with pytest.raises(ConfigError, match="config.model.text_max_len"):
-    text_conditioning.load_frozen_text_encoder("clip", str(tmp_path), "float32",
-                                               pretrained_model_config("clip", text_max_len=17))
+    frozen.load_frozen_text_encoder("clip", str(tmp_path), "float32",
+                                    pretrained_model_config("clip", text_max_len=17))
 
 
 def test_context_batches_give_the_token_paths_loss():
   """Text encoded outside the model (as a frozen encoder does) must train the DiT exactly as the
   same encoder inside it: same timesteps, noise, dropped rows, masked tokens, hence loss."""
-  config = tiny_train_config("", **{"diffusion.caption_dropout": 0.5,
-                                    "diffusion.mask_ratio": 0.5, "model.moe_layout": "none"})
-  model_config = ModelConfig.from_mapping(config.model)
+  config = TrainConfig.from_mapping(tiny_train_config(
+      "", **{"diffusion.caption_dropout": 0.5, "diffusion.mask_ratio": 0.5,
+             "model.moe_layout": "none"}))
+  model_config = config.model
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(model_config, 0)))
   params = jax.jit(lambda: to_pure_dict(nnx.state(build_model(model_config, 0))))()
   # Away from the init, where adaLN-Zero and the zero cross-attention output ignore the text.
@@ -115,14 +116,13 @@ def test_context_batches_give_the_token_paths_loss():
   null_context, null_lengths = encode(null[None])
   key = jax.random.key(5)
 
-  token_loss = make_loss_fn(graphdef, model_config, config, null, masked=True)
+  token_loss = make_loss_fn(graphdef, config, null, masked=True)
   loss_t, (velocity_loss_t, _) = jax.jit(token_loss)(params, {"image": image, "tokens": tokens},
                                                      key)
 
   @jax.jit
   def context_loss(null_caption):
-    loss_fn = make_loss_fn(graphdef, model_config, config, None, masked=True,
-                           null_context=null_caption)
+    loss_fn = make_loss_fn(graphdef, config, None, masked=True, null_context=null_caption)
     batch = {"image": image, "context": context, "context_lengths": lengths}
     return loss_fn(params, batch, key)
 
@@ -147,7 +147,7 @@ def test_config_errors_name_their_keys(t5_dir, tmp_path):
 
   config = tiny_train_config("", **{"model.text_encoder": "t5", "model.text_hidden_size": 32})
   with pytest.raises(ConfigError, match="config.pretrained.text_encoder"):
-    loop.validate_config(config)
+    TrainConfig.from_mapping(config)
 
   latents = tmp_path / "latents"
   latents.mkdir()
@@ -156,28 +156,31 @@ def test_config_errors_name_their_keys(t5_dir, tmp_path):
                                         "model.in_channels": 4, "sample_every_steps": 10,
                                         "eval_every_steps": 0})
   with pytest.raises(ConfigError, match="config.pretrained.vae"):
-    loop.validate_config(on_latents)
+    TrainConfig.from_mapping(on_latents)
   on_latents.sample_every_steps = 0
-  loop.validate_config(on_latents)
   with pytest.raises(ConfigError, match=r"config.model.image_size=32\b"):
-    input_pipeline.check_latent_shape(on_latents, source=None)
+    input_lib.check_latent_shape(TrainConfig.from_mapping(on_latents), source=None)
   on_latents.model.update(image_size=16, in_channels=3)
   with pytest.raises(ConfigError, match="config.model.in_channels=3") as error:
-    input_pipeline.check_latent_shape(on_latents, source=None)
+    input_lib.check_latent_shape(TrainConfig.from_mapping(on_latents), source=None)
   assert "image_size" not in str(error.value)
   on_latents.model.in_channels = 4
-  input_pipeline.check_latent_shape(on_latents, source=None)
+  input_lib.check_latent_shape(TrainConfig.from_mapping(on_latents), source=None)
   # A scratch tokenizer trained on the latents' captions is cached under a flat file name.
-  assert "/" not in input_pipeline._cache_name(on_latents)
+  assert "/" not in input_lib._cache_name(TrainConfig.from_mapping(on_latents))
 
   with pytest.raises(ConfigError, match=f"config.model.text_hidden_size=64.*{t5_dir}"):
-    text_conditioning.load_frozen_text_encoder("t5", t5_dir, "float32",
-                                               pretrained_model_config(text_hidden_size=64))
+    frozen.load_frozen_text_encoder("t5", t5_dir, "float32",
+                                    pretrained_model_config(text_hidden_size=64))
 
 
 def test_runs_saved_before_text_encoder_existed_still_resume():
-  current = {"model": {"hidden_size": 32, "text_encoder": "scratch"}}
-  check_same_model({"model": {"hidden_size": 32}}, current)
+  saved = upgrade({"model": {"hidden_size": 32}})
+  assert check_same_model(saved, upgrade({"model": {"hidden_size": 32,
+                                                    "text_encoder": "scratch"}})) == []
   with pytest.raises(ConfigError, match="config.model.text_encoder"):
-    check_same_model({"model": {"hidden_size": 32}}, {"model": {"hidden_size": 32,
-                                                                "text_encoder": "t5"}})
+    check_same_model(saved, upgrade({"model": {"hidden_size": 32, "text_encoder": "t5"}}))
+  # With a frozen encoder on both sides the scratch encoder's sizes shape nothing.
+  frozen_t5 = {"text_encoder": "t5", "text_hidden_size": 32}
+  assert check_same_model(upgrade({"model": {**frozen_t5, "text_vocab_size": 128}}),
+                          upgrade({"model": {**frozen_t5, "text_vocab_size": 32128}})) == []

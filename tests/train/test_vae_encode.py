@@ -3,7 +3,6 @@
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,11 +10,14 @@ from PIL import Image
 from ecdit_jax.data import pipeline
 from ecdit_jax.data.latents import center_crop_resize
 from ecdit_jax.encoders import random_init, vae as vae_lib
-from ecdit_jax.model import ConfigError, ModelConfig
+from ecdit_jax.config import TrainConfig
+from ecdit_jax.encoders import frozen
+from ecdit_jax.errors import ConfigError
 from ecdit_jax.parallel import mesh as mesh_lib
-from ecdit_jax.train import pretrained
 from ecdit_jax.train.loop import train_and_evaluate
-from tests.train.train_testing import tiny_train_config
+from tests.tiny import tiny_train_config
+
+pytestmark = pytest.mark.slow  # trains, or runs the tools: CI runs it, the fast lane skips it
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +40,13 @@ def _config(data_dir, vae_dir, **overrides):
 
 # steps_per_call=2: the two encoded batches are stacked on the devices and run in one call.
 @pytest.mark.parametrize("steps_per_call", [1, 2])
-def test_trains_on_encoded_images_and_samples_decoded_images(data_dir, vae_dir, tmp_path,
-                                                             steps_per_call):
-  workdir = str(tmp_path / "run")
+def test_trains_on_encoded_images_and_samples_decoded_images(vae_dir, tmp_path, steps_per_call):
+  workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "tfds")
   state = train_and_evaluate(_config(data_dir, vae_dir, steps_per_call=steps_per_call,
                                      log_every_steps=2), workdir)
+  # GenEval-Shapes is drawn at the pixels the VAE encodes (16 x 2), not at the latents' 16.
+  assert [name.split("_")[0] for name in os.listdir(os.path.join(data_dir, "geneval_shapes"))
+          if name.startswith("s")] == ["s32"]
   assert int(state.step) == 2
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [json.loads(line)["loss"] for line in f if "loss" in line]
@@ -52,13 +56,12 @@ def test_trains_on_encoded_images_and_samples_decoded_images(data_dir, vae_dir, 
 
 
 def test_the_encode_stage_gives_the_vae_posterior_mean(vae_dir):
-  model_config = ModelConfig.from_mapping(_config("", vae_dir).model)
-  frozen = pretrained.load_frozen_vae(vae_dir, "float32", model_config)
-  mesh = mesh_lib.create_mesh({"data": -1})
-  encode = pretrained.make_image_encoder(frozen.placed(mesh), mesh)
+  model_config = TrainConfig.from_mapping(_config("", vae_dir)).model
+  vae = frozen.load_frozen_vae(vae_dir, "float32", model_config)
+  mesh = mesh_lib.create_mesh(mesh_lib.MeshConfig())
+  encode = frozen.make_image_encoder(vae.placed(mesh), mesh)
   images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
-  with jax.set_mesh(mesh):
-    latents = encode({"image": images, "tokens": np.zeros((8, 4), np.int32)})["image"]
+  latents = encode({"image": images, "tokens": np.zeros((8, 4), np.int32)})["image"]
   expected = vae_lib.load_vae(vae_dir).latents_from_images(images)
   assert latents.shape == (8, 16, 16, 4)
   np.testing.assert_allclose(np.asarray(latents), np.asarray(expected), rtol=1e-4, atol=1e-5)
