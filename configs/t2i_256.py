@@ -11,10 +11,19 @@ images with pretrained encoders"): a T5 v1.1 XXL encoder directory (config.json,
 spiece.model) and a diffusers VAE directory (config.json, safetensors). Every process reads
 them, and the latents, from local paths: on a pod or cluster, a filesystem every host mounts.
 
-1. Latents, once (resumable; a folder of images with same-name .txt captions, or tfds:NAME):
+1. Latents and the captions' T5 states, once (resumable; a folder of images with same-name .txt
+   captions, or tfds:NAME):
 
   python -m ecdit_jax.precompute --source=folder:/data/my_images --vae=/data/sd-vae-ft-ema \
-      --out=/data/latents/mine --image_size=256
+      --out=/data/latents/mine --image_size=256 \
+      --text_encoder=/data/t5-v1_1-xxl --text_max_len=120
+
+   Training then reads each caption's states (``config.data.cached_context``, on here) and keeps
+   no T5 on the devices: it is loaded at start only to encode config.sample.prompts. On disk an
+   image costs its latent (32x32x4 float32, 16 KiB) plus 8 KiB per caption token (4096 bfloat16
+   values; a 20-token caption 160 KiB). Without --text_encoder, set
+   --config.data.cached_context=False: the T5 then encodes every batch on the devices, split over
+   the mesh like the DiT.
 
 2. Train on a Cloud TPU pod (launch/README.md documents every argument):
 
@@ -41,7 +50,8 @@ writes. The whole sequence on a laptop, from a folder my_images/ of images with 
 
   python -m ecdit_jax.encoders.random_init --out=/tmp/t2i/weights   # add --captions=FILE
   python -m ecdit_jax.precompute --source=folder:my_images --vae=/tmp/t2i/weights/vae \
-      --out=/tmp/t2i/latents --image_size=32
+      --out=/tmp/t2i/latents --image_size=32 --text_encoder=/tmp/t2i/weights/t5 \
+      --text_max_len=16 --text_dtype=float32
   python -m ecdit_jax.main --config=configs/t2i_256.py:XL-32E,runlocal --workdir=/tmp/t2i/run \
       --config.data.dataset=latents:/tmp/t2i/latents \
       --config.pretrained.text_encoder=/tmp/t2i/weights/t5 \
@@ -86,7 +96,7 @@ def get_config(arg: str = "XL-32E") -> ml_collections.ConfigDict:
                       text_max_len=TEXT_MAX_LEN)
   # Required on the command line: the latents and the weights directories
   # (config.pretrained.text_encoder and config.pretrained.vae).
-  config.data.update(dataset="latents:", worker_count=4)
+  config.data.update(dataset="latents:", worker_count=4, cached_context=True)
   config.mesh.update(data=1, fsdp=-1)
   config.batch_size = 4096
   config.num_train_steps = 800_000

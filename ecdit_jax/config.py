@@ -71,6 +71,11 @@ class DataConfig:
   # Encode images with pretrained.vae as they are read (center crop, resize to image_size x
   # the VAE's factor): training on latents without a precompute pass.
   vae_encode: bool = False
+  # Train on the captions' encoder states stored with the latents (`precompute --text_encoder`)
+  # instead of running the frozen text encoder on every batch; the run then builds no text
+  # encoder on the devices (it loads one at start only to encode the sample and evaluation
+  # prompts once, when it samples or evaluates).
+  cached_context: bool = False
 
   def __post_init__(self):
     _check(self.dataset != LATENTS_PREFIX,
@@ -83,6 +88,9 @@ class DataConfig:
     _check(not (self.vae_encode and self.latent_dir is not None),
            f"config.data.vae_encode encodes images, but config.data.dataset={self.dataset!r} "
            "holds latents already; turn it off")
+    _check(not self.cached_context or self.latent_dir is not None,
+           f"config.data.cached_context reads captions encoded with the latents, but "
+           f"config.data.dataset={self.dataset!r} is not latents:DIR")
 
   @property
   def latent_dir(self) -> str | None:
@@ -303,7 +311,12 @@ def _validate(c: TrainConfig) -> None:
 
 
 def _validate_pretrained(c: TrainConfig) -> None:
-  if c.model.has_pretrained_text_encoder:
+  _check(not c.data.cached_context or c.model.has_pretrained_text_encoder,
+         "config.data.cached_context is for a frozen pretrained text encoder, but "
+         "config.model.text_encoder='scratch' trains its own; set it to 't5' or 'clip'")
+  # With cached context the encoder is only needed to encode the sample and evaluation prompts.
+  needs_encoder = not c.data.cached_context or bool(c.sample_every_steps or c.eval_every_steps)
+  if c.model.has_pretrained_text_encoder and needs_encoder:
     _check(bool(c.pretrained.text_encoder),
            f"config.model.text_encoder={c.model.text_encoder!r} needs the weights: set "
            f"config.pretrained.text_encoder to a Hugging Face {c.model.text_encoder.upper()} "

@@ -2,7 +2,9 @@ r"""Precomputes VAE latents of an image-caption dataset, so that training skips 
 
   python -m ecdit_jax.precompute --source=folder:DIR | tfds:NAME[:SPLIT] --vae=VAE_DIR \
       --out=OUT_DIR [--image_size=256 --batch_size=32 --chunk_size=1000 --data_dir= \
-      --image_key=image --text_key=caption --sample_latents=false --seed=0]
+      --image_key=image --text_key=caption --sample_latents=false --seed=0] \
+      [--text_encoder=T5_OR_CLIP_DIR --text_max_len=120 --text_encoder_kind=t5 \
+       --text_dtype=bfloat16]
 
 ``folder:DIR`` reads every png/jpg/jpeg/webp file of DIR, sorted by name, with its caption in the
 same-stem ``.txt`` file. ``tfds:NAME[:SPLIT]`` (split ``train`` by default) reads a prepared TFDS
@@ -11,12 +13,17 @@ dataset through ``tfds.data_source``. Each image is center-cropped, bicubic-resi
 ``--seed`` and the record index with ``--sample_latents``); the format is in
 ``ecdit_jax.data.latents``.
 
+With ``--text_encoder`` each caption is also run through that frozen T5 (or CLIP) encoder,
+padded or cut to ``--text_max_len`` tokens as a model with that ``text_max_len`` would, and its
+states of the valid tokens are stored beside the latent in ``--text_dtype``: a run with
+``config.data.cached_context`` then trains without a text encoder on its devices.
+
 Source record i goes to JAX process i % process_count; each process groups its records, in order,
 into chunks of ``--chunk_size`` source records. Records that cannot be used (an image that does
 not decode, a missing or empty caption) are skipped and counted, so a chunk may hold fewer
 records. Completed chunks are never rewritten: rerunning the same command resumes an interrupted
-run. An output directory holding latents of another ``--vae``, ``--image_size`` or ``--source``
-is refused.
+run. An output directory holding latents of another ``--vae``, ``--image_size``, ``--source``
+or text encoder setting is refused.
 """
 
 from __future__ import annotations
@@ -42,6 +49,14 @@ flags.DEFINE_string("image_key", "image", "Image feature of a TFDS source.")
 flags.DEFINE_string("text_key", "caption", "Caption feature of a TFDS source.")
 flags.DEFINE_bool("sample_latents", False, "Sample from the VAE posterior instead of its mean.")
 flags.DEFINE_integer("seed", 0, "Seed of the posterior samples (with --sample_latents).")
+flags.DEFINE_string("text_encoder", None, "Hugging Face T5 or CLIP directory: store every "
+                    "caption's encoder states too (for config.data.cached_context).")
+flags.DEFINE_enum("text_encoder_kind", "t5", ["t5", "clip"], "The --text_encoder's kind "
+                  "(config.model.text_encoder of the runs that train on it).")
+flags.DEFINE_integer("text_max_len", None, "Prompt length in tokens, the training config's "
+                     "config.model.text_max_len (required with --text_encoder).")
+flags.DEFINE_enum("text_dtype", "bfloat16", ["bfloat16", "float32"],
+                  "Dtype of the encoder's weights and of the states stored.")
 flags.mark_flags_as_required(["source", "vae", "out"])
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -127,11 +142,53 @@ def check_out_dir(out: str, expected: dict, process_count: int) -> None:
       if info.get(key) != expected[key]:
         raise ConfigError(f"--{key}={expected[key]} differs from {key}={info.get(key)} of the "
                           f"latents already in --out={out}; use another --out")
+    if info.get("text_context") != expected["text_context"]:
+      raise ConfigError(f"the text encoder settings {_describe(expected['text_context'])} differ "
+                        f"from those of the latents already in --out={out} "
+                        f"({_describe(info.get('text_context'))}); use another --out")
   suffix = f"-of-{process_count:05d}-"
   for path in latent_format.latent_files(out):
     if suffix not in os.path.basename(path):
       raise ConfigError(f"--out={out} holds chunks written by a different number of processes "
                         f"({os.path.basename(path)}); resume with the same process count")
+
+
+def _describe(text_context: dict | None) -> str:
+  if text_context is None:
+    return "no --text_encoder"
+  return ", ".join(f"{key}={value}" for key, value in sorted(text_context.items()))
+
+
+def text_settings() -> dict | None:
+  """What info.json records of the caption encoding (None without ``--text_encoder``); runs
+  with ``config.data.cached_context`` check kind, width and max_len against their model."""
+  if FLAGS.text_encoder is None:
+    return None
+  if FLAGS.text_max_len is None or FLAGS.text_max_len <= 0:
+    raise ConfigError("--text_encoder needs --text_max_len, the config.model.text_max_len of the "
+                      "runs that will train on these captions")
+  from ecdit_jax.encoders.frozen import encoder_width
+
+  kind = FLAGS.text_encoder_kind
+  return {"kind": kind, "weights": os.path.abspath(FLAGS.text_encoder),
+          "width": encoder_width(kind, FLAGS.text_encoder, "--text_encoder"),
+          "max_len": FLAGS.text_max_len, "dtype": FLAGS.text_dtype}
+
+
+def make_caption_encoder(encoder, batch_size: int):
+  """captions -> a list of each caption's states of its valid tokens, (n, width) numpy arrays
+  in the encoder's output dtype. Batches are padded to ``batch_size`` so it compiles once."""
+  import jax
+  import numpy as np
+
+  encode = jax.jit(encoder.encode)
+
+  def run(captions: list[str]) -> list:
+    tokens = encoder.tokenize(captions + [""] * (batch_size - len(captions)))
+    context, lengths = jax.device_get(encode(encoder.params, tokens))
+    return [np.asarray(context[i, :lengths[i]]) for i in range(len(captions))]
+
+  return run
 
 
 def make_encoder(vae, batch_size: int, sample: bool, seed: int):
@@ -171,6 +228,94 @@ def make_encoder(vae, batch_size: int, sample: bool, seed: int):
   return run
 
 
+def _load_record(source, size: int, index: int):
+  """(index, (resized uint8 image, caption)), or None: anything that fails to decode is skipped
+  and counted, never fatal."""
+  from ecdit_jax.data import latents as latent_format
+
+  try:
+    item = source.load(int(index))
+    if item is None:
+      return None
+    image, caption = item
+    return int(index), (latent_format.center_crop_resize(image, size), caption)
+  except Exception as e:  # noqa: BLE001
+    logging.warning("skipping record %d: %s", index, e)
+    return None
+
+
+def _encode_chunk(items, encode, encode_captions, batch_size: int) -> list[bytes]:
+  """The records of one chunk's usable (index, (image, caption)) items."""
+  import numpy as np
+
+  from ecdit_jax.data import latents as latent_format
+
+  records = []
+  for start in range(0, len(items), batch_size):
+    batch = items[start:start + batch_size]
+    captions = [caption for _, (_, caption) in batch]
+    latents = encode(np.stack([image for _, (image, _) in batch]),
+                     np.asarray([i for i, _ in batch], np.uint32))
+    contexts = encode_captions(captions) if encode_captions else [None] * len(batch)
+    records += [latent_format.encode_record(*fields)
+                for fields in zip(latents, captions, contexts)]
+  return records
+
+
+def write_chunks(out: str, source, chunks, encode, encode_captions, batch_size: int,
+                 image_size: int) -> tuple[int, int]:
+  """Writes this process's chunks not yet done; (records written, records skipped), counting
+  those of chunks completed by an earlier, interrupted run."""
+  from functools import partial
+
+  from array_record.python import array_record_data_source
+
+  from ecdit_jax.data import latents as latent_format
+
+  written = skipped = 0
+  process_index, process_count = _process()
+  load = partial(_load_record, source, image_size)
+  with concurrent.futures.ThreadPoolExecutor(_LOADER_THREADS) as pool:
+    for chunk, indices in enumerate(chunks):
+      path = latent_format.chunk_path(out, process_index, process_count, chunk)
+      if latent_format.chunk_done(path):  # resume: count what the completed chunk holds
+        count = len(array_record_data_source.ArrayRecordDataSource([path]))
+      else:
+        items = [item for item in pool.map(load, indices) if item]
+        records = _encode_chunk(items, encode, encode_captions, batch_size)
+        latent_format.write_chunk(path, records)
+        count = len(records)
+      written += count
+      skipped += len(indices) - count
+      print(f"chunk {chunk + 1} of {len(chunks)}: {written} records written, {skipped} skipped",
+            flush=True)
+  return written, skipped
+
+
+def _process() -> tuple[int, int]:
+  import jax
+
+  return jax.process_index(), jax.process_count()
+
+
+def _caption_encoder(settings: dict | None, batch_size: int, out: str):
+  """The caption encoder of ``--text_encoder`` (None without it); process 0 also writes the
+  empty caption's states, which the runs use for caption dropout."""
+  if settings is None:
+    return None
+  import jax
+
+  from ecdit_jax.data import latents as latent_format
+  from ecdit_jax.encoders import frozen
+
+  encoder = frozen.load_text_encoder(
+      settings["kind"], settings["weights"], settings["dtype"], max_len=settings["max_len"],
+      output_dtype=settings["dtype"], key="--text_encoder").placed(None)
+  if jax.process_index() == 0:
+    latent_format.write_null_context(out, *encoder.null_caption())
+  return make_caption_encoder(encoder, batch_size)
+
+
 def main(argv):
   del argv
   for name in ("image_size", "batch_size", "chunk_size"):
@@ -183,9 +328,9 @@ def main(argv):
   from ecdit_jax.data import latents as latent_format
   from ecdit_jax.encoders.vae import load_vae
 
-  process_index, process_count = jax.process_index(), jax.process_count()
+  process_index, process_count = _process()
   expected = {"vae": os.path.abspath(FLAGS.vae), "image_size": FLAGS.image_size,
-              "source": FLAGS.source}
+              "source": FLAGS.source, "text_context": text_settings()}
   check_out_dir(FLAGS.out, expected, process_count)
   source = parse_source(FLAGS.source, data_dir=FLAGS.data_dir, image_key=FLAGS.image_key,
                         text_key=FLAGS.text_key)
@@ -196,10 +341,11 @@ def main(argv):
       vae.latents_from_images, jax.ShapeDtypeStruct((1, size, size, 3), np.float32)).shape[1:]
   batch_size = FLAGS.batch_size or (4 if jax.default_backend() == "cpu" else 32)
   encode = make_encoder(vae, batch_size, FLAGS.sample_latents, FLAGS.seed)
+  os.makedirs(FLAGS.out, exist_ok=True)
+  encode_captions = _caption_encoder(expected["text_context"], batch_size, FLAGS.out)
   info = dict(expected, latent_shape=list(latent_shape), dtype="float32", count=None,
               skipped=None, sample_latents=FLAGS.sample_latents, seed=FLAGS.seed,
               chunk_size=FLAGS.chunk_size, process_count=process_count)
-  os.makedirs(FLAGS.out, exist_ok=True)
   if process_index == 0 and latent_format.read_info(FLAGS.out) is None:
     # Written up front (counts unknown) so that a run interrupted before the end is still
     # guarded against being resumed with other settings.
@@ -207,43 +353,8 @@ def main(argv):
 
   mine = np.arange(process_index, len(source), process_count)
   chunks = [mine[i:i + FLAGS.chunk_size] for i in range(0, len(mine), FLAGS.chunk_size)]
-  written = skipped = 0
-
-  def load(index):
-    # Never crash on one bad record: anything that fails to decode is skipped.
-    try:
-      item = source.load(int(index))
-      if item is None:
-        return None
-      image, caption = item
-      return latent_format.center_crop_resize(image, size), caption
-    except Exception as e:  # noqa: BLE001
-      logging.warning("skipping record %d: %s", index, e)
-      return None
-
-  with concurrent.futures.ThreadPoolExecutor(_LOADER_THREADS) as pool:
-    for chunk, indices in enumerate(chunks):
-      path = latent_format.chunk_path(FLAGS.out, process_index, process_count, chunk)
-      if latent_format.chunk_done(path):  # resume: count what the completed chunk holds
-        from array_record.python import array_record_data_source
-        count = len(array_record_data_source.ArrayRecordDataSource([path]))
-        written += count
-        skipped += len(indices) - count
-        continue
-      items = [(i, item) for i, item in zip(indices, pool.map(load, indices)) if item]
-      skipped += len(indices) - len(items)
-      records = []
-      for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        latents = encode(np.stack([image for _, (image, _) in batch]),
-                         np.asarray([i for i, _ in batch], np.uint32))
-        records += [latent_format.encode_record(latent, caption)
-                    for latent, (_, (_, caption)) in zip(latents, batch)]
-      latent_format.write_chunk(path, records)
-      written += len(records)
-      print(f"chunk {chunk + 1} of {len(chunks)}: {written} records written, {skipped} skipped",
-            flush=True)
-
+  written, skipped = write_chunks(FLAGS.out, source, chunks, encode, encode_captions, batch_size,
+                                  size)
   if process_count > 1:
     from jax.experimental import multihost_utils
     totals = multihost_utils.process_allgather(np.asarray([written, skipped])).sum(axis=0)

@@ -1,7 +1,8 @@
 """Text-to-image on VAE latents with a frozen T5, end to end on CPU with random-weight encoders.
 
 The laptop sequence of configs/t2i_256.py: captioned images -> random T5 and VAE directories ->
-``precompute`` -> ``main`` (configs/t2i_256.py:XL-32E,runlocal, shrunk further) -> ``sample``.
+``precompute`` (latents and the captions' T5 states) -> ``main`` (configs/t2i_256.py:XL-32E,
+runlocal, shrunk further, training on the cached states) -> resumed -> ``sample``.
 Then the sampler's decoding is checked against an independent VAE decode of its own latents.
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ecdit_jax.data import geneval_shapes
+from ecdit_jax.data import geneval_folder
 from ecdit_jax.encoders import random_init
 from ecdit_jax.encoders.vae import load_vae
 from ecdit_jax.checkpoint import Checkpointer
@@ -42,23 +43,24 @@ def run(args):
 def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("t2i")
   images = root / "images"
-  images.mkdir()
-  for index, example in enumerate(geneval_shapes.generate_examples(0, 8, IMAGE_SIZE)):
-    Image.fromarray(example.image).save(images / f"{index:02d}.png")
-    (images / f"{index:02d}.txt").write_text(example.caption + "\n")
+  geneval_folder.write_folder(str(images), count=8, image_size=IMAGE_SIZE, seed=0)
   t5_dir, vae_dir = random_init.write_random_models(root / "weights")
   latents = root / "latents"
   run(["ecdit_jax.precompute", f"--source=folder:{images}", f"--vae={vae_dir}",
-       f"--out={latents}", f"--image_size={IMAGE_SIZE}", "--batch_size=8"])
+       f"--out={latents}", f"--image_size={IMAGE_SIZE}", "--batch_size=8",
+       f"--text_encoder={t5_dir}", "--text_max_len=16", "--text_dtype=float32"])
   workdir = root / "run"
-  result = run([
+  train = [
       "ecdit_jax.main", "--config=configs/t2i_256.py:XL-32E,runlocal", f"--workdir={workdir}",
       f"--config.data.dataset=latents:{latents}", f"--config.pretrained.text_encoder={t5_dir}",
       f"--config.pretrained.vae={vae_dir}", "--config.num_train_steps=2",
       "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
       "--config.sample_every_steps=2", "--config.sample.num_steps=2",
-      "--config.model.hidden_size=32", "--config.model.num_experts=4"])
-  assert "step 2/2" in result.stdout
+      "--config.model.hidden_size=32", "--config.model.num_experts=4"]
+  assert "step 2/2" in run(train).stdout
+  # Extended by a step: it resumes from the checkpoint, on the same cached captions.
+  resumed = run([*train, "--config.num_train_steps=3"])
+  assert "resumed from step 2" in resumed.stdout + resumed.stderr
   return root, workdir, t5_dir, vae_dir
 
 
@@ -66,10 +68,11 @@ def test_training_on_latents_with_a_frozen_t5_then_sampling(trained):
   root, workdir, t5_dir, _ = trained
   with open(workdir / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
-  assert [row["step"] for row in rows] == [1, 2]
+  assert [row["step"] for row in rows] == [1, 2, 3]
   assert all(np.isfinite(row["loss"]) for row in rows)
   assert all(row["skipped_records"] == 0 for row in rows)
-  assert Checkpointer(str(workdir)).all_steps() == [2]
+  assert Checkpointer(str(workdir)).all_steps() == [2, 3]
+  assert json.loads((workdir / "config.json").read_text())["data"]["cached_context"]
   # The frozen encoder is the run's tokenizer: none is trained or copied; config.json names it.
   assert not (workdir / "tokenizer.model").exists()
   saved = json.loads((workdir / "config.json").read_text())

@@ -2,7 +2,11 @@
 
 A latent directory holds ArrayRecord files ``latents-PPPPP-of-NNNNN-CCCCC.array_record`` (chunk
 C written by process P of N). Each record is ``flax.serialization.msgpack_serialize`` of
-``{"latent": float32 (h, w, C), "caption": str}``. A chunk is complete only once its empty
+``{"latent": float32 (h, w, C), "caption": str}`` and, when the captions were encoded too,
+``"context"``: the frozen text encoder's states of the caption's valid tokens (n, width), in the
+encoder's dtype (bfloat16 by default); the padding after them is left out (the DiT masks it).
+Such a directory also holds ``null_context.msgpack``, the empty caption's states padded to the
+full length, and its info.json says which encoder wrote them (``text_context``). A chunk is complete only once its empty
 ``<chunk>.done`` marker exists: the marker is written after the writer is closed, so a chunk
 interrupted mid-write has none and is rewritten on resume. ``info.json`` (written by process 0)
 records the latent shape and dtype, the counts and what the latents were computed from.
@@ -37,13 +41,18 @@ def chunk_path(directory: str, process_index: int, process_count: int, chunk: in
   return os.path.join(directory, name)
 
 
-def encode_record(latent: np.ndarray, caption: str) -> bytes:
-  return serialization.msgpack_serialize(
-      {"latent": np.asarray(latent, np.float32), "caption": caption})
+NULL_CONTEXT_FILE = "null_context.msgpack"
+
+
+def encode_record(latent: np.ndarray, caption: str, context: np.ndarray | None = None) -> bytes:
+  record = {"latent": np.asarray(latent, np.float32), "caption": caption}
+  if context is not None:
+    record["context"] = np.asarray(context)
+  return serialization.msgpack_serialize(record)
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
-  """``{"latent": float32 (h, w, C), "caption": str}`` from a record's bytes."""
+  """``{"latent": float32 (h, w, C), "caption": str}`` (and ``"context"``) from a record."""
   return serialization.msgpack_restore(data)
 
 
@@ -88,11 +97,27 @@ def write_info(directory: str, info: dict[str, Any]) -> None:
   write_atomic(os.path.join(directory, INFO_FILE), json.dumps(info, indent=2, sort_keys=True))
 
 
+def write_null_context(directory: str, context: np.ndarray, length: int) -> None:
+  """The empty caption's encoder states (max_len, width) and valid length."""
+  write_atomic(os.path.join(directory, NULL_CONTEXT_FILE), serialization.msgpack_serialize(
+      {"context": np.asarray(context), "length": int(length)}))
+
+
+def read_null_context(directory: str) -> tuple[np.ndarray, int] | None:
+  path = os.path.join(directory, NULL_CONTEXT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    values = serialization.msgpack_restore(f.read())
+  return np.asarray(values["context"]), int(values["length"])
+
+
 class LatentSource:
   """Random access to the records of all completed chunks of a latent directory.
 
   ``source[i]`` is ``{"latent": float32 (h, w, C), "caption": bytes}`` (bytes like a TFDS text
-  feature, so the grain pipeline can tokenize it the same way). Records are ordered by chunk
+  feature, so the grain pipeline can tokenize it the same way), plus ``"context"`` when the
+  directory holds encoded captions. Records are ordered by chunk
   file name, i.e. process-major: with one process this is the source order.
   """
 
@@ -110,8 +135,11 @@ class LatentSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = decode_record(self._source[index])
-    return {"latent": np.asarray(record["latent"], np.float32),
-            "caption": record["caption"].encode("utf-8")}
+    out = {"latent": np.asarray(record["latent"], np.float32),
+           "caption": record["caption"].encode("utf-8")}
+    if "context" in record:
+      out["context"] = np.asarray(record["context"])
+    return out
 
   def __repr__(self) -> str:
     return f"LatentSource({self.directory!r}, {len(self)} records)"

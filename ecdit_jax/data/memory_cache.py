@@ -25,38 +25,38 @@ from ecdit_jax.data import pipeline
 
 @dataclasses.dataclass(frozen=True)
 class DecodedRecords:
-  """The usable records of a dataset, in record order."""
+  """The usable records of a dataset, in record order: one array per batch key (IMAGE as
+  uint8 (N, S, S, 3) pixels or float32 latents; TOKENS, or CONTEXT and CONTEXT_LENGTHS)."""
 
-  images: np.ndarray  # uint8 (N, S, S, 3) pixels, or float32 (N, S, S, C) latents
-  tokens: np.ndarray  # int32 (N, L)
+  arrays: dict[str, np.ndarray]
   num_skipped: int  # records that could not be used
 
   def __len__(self) -> int:
-    return len(self.tokens)
+    return len(self.arrays[batch_keys.IMAGE])
 
   @property
   def nbytes(self) -> int:
-    return self.images.nbytes + self.tokens.nbytes
+    return sum(a.nbytes for a in self.arrays.values())
 
   def batch(self, indices) -> dict[str, np.ndarray]:
-    images = self.images[np.asarray(indices)]
-    if images.dtype == np.uint8:
-      images = pipeline.scale_pixels(images)
-    return {batch_keys.IMAGE: images, batch_keys.TOKENS: self.tokens[np.asarray(indices)]}
+    batch = {key: array[np.asarray(indices)] for key, array in self.arrays.items()}
+    if batch[batch_keys.IMAGE].dtype == np.uint8:
+      batch[batch_keys.IMAGE] = pipeline.scale_pixels(batch[batch_keys.IMAGE])
+    return batch
 
 
 def decode_all(data_source, preprocess: pipeline.Preprocess) -> DecodedRecords:
   """Every usable record, decoded in one pass in record order. ``preprocess`` must keep pixels
   as uint8 (``scale=False``)."""
-  images, tokens, skipped = [], [], 0
+  chunks, skipped = [], 0
   for chunk, chunk_skipped in pipeline.read_in_order(data_source, preprocess):
     skipped += chunk_skipped
     if chunk:
-      images.append(chunk[batch_keys.IMAGE])
-      tokens.append(chunk[batch_keys.TOKENS])
-  if not tokens:
+      chunks.append(chunk)
+  if not chunks:
     raise ValueError(f"no usable record among the {len(data_source)} of the dataset")
-  return DecodedRecords(np.concatenate(images), np.concatenate(tokens), skipped)
+  return DecodedRecords({key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]},
+                        skipped)
 
 
 class CachedBatches:

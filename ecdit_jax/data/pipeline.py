@@ -112,13 +112,16 @@ class Preprocess:
   """Record -> {IMAGE: float32, TOKENS: int32} or a ``Skipped`` marker (picklable).
 
   The image is pixels scaled to [-1, 1] (kept uint8 without ``scale``), or with
-  ``latent_channels`` a latent taken as it is.
+  ``latent_channels`` a latent taken as it is. With ``context_width`` the record's encoded
+  caption (``"context"``, (n, width) states of its n valid tokens) replaces the tokens: the
+  example holds CONTEXT (max_text_len, width), zero after the n states, and CONTEXT_LENGTHS n.
   """
 
-  def __init__(self, tokenizer: Tokenizer, image_size, max_text_len, image_key, text_key,
+  def __init__(self, tokenizer: Tokenizer | None, image_size, max_text_len, image_key, text_key,
                latent_channels: int | None = None, resize_images: bool = False,
-               scale: bool = True):
+               scale: bool = True, context_width: int | None = None):
     self._tokenizer = tokenizer
+    self._context_width = context_width
     self._image_size = image_size
     self._max_text_len = max_text_len
     self._image_key = image_key
@@ -144,8 +147,21 @@ class Preprocess:
     text = decode_text(record[self._text_key])
     if text is None:
       return Skipped("empty or non-text caption")
+    if self._context_width is not None:
+      return self._with_context(image, record.get("context"))
     tokens = self._tokenizer.encode_batch([text], self._max_text_len)[0]
     return {batch_keys.IMAGE: image, batch_keys.TOKENS: tokens}
+
+  def _with_context(self, image, states):
+    states = None if states is None else np.asarray(states)
+    if (states is None or states.ndim != 2 or states.shape[1] != self._context_width
+        or not 1 <= states.shape[0] <= self._max_text_len
+        or not np.all(np.isfinite(states.astype(np.float32)))):
+      return Skipped("missing, misshapen or non-finite encoded caption")
+    context = np.zeros((self._max_text_len, self._context_width), states.dtype)
+    context[:len(states)] = states
+    return {batch_keys.IMAGE: image, batch_keys.CONTEXT: context,
+            batch_keys.CONTEXT_LENGTHS: np.int32(len(states))}
 
 
 def _read(source, index: int):

@@ -10,9 +10,10 @@ The context is the text encoder's last hidden states: T5's after its final RMS n
 after the final LayerNorm. Lengths count the tokens up to and including the first end token (T5
 pads with 0 after it; CLIP pads with the end token itself), and the DiT masks everything after.
 
-The parameters are replicated on every device of the mesh (``placed``). ``make_batch_encoder``
-and ``make_image_encoder`` run them on a training batch split over the batch axes, before the
-train step, so that the step stays a pure function of (state, batch).
+On a mesh the parameters are split over ``fsdp`` and ``tensor`` by the model's own rule table
+(``placed``, ``logical_names``): each device holds its share of a T5-XXL, not a copy.
+``make_batch_encoder`` and ``make_image_encoder`` run them on a training batch split over the
+batch axes, before the train step, so that the step stays a pure function of (state, batch).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from ecdit_jax.data import batch as batch_keys
 from ecdit_jax.encoders import vae as vae_lib
@@ -36,6 +37,7 @@ from ecdit_jax.encoders.clip_tokenizer import load_clip_tokenizer
 from ecdit_jax.encoders.t5 import load_t5_encoder, load_t5_tokenizer
 from ecdit_jax.errors import ConfigError
 from ecdit_jax.model.config import ModelConfig
+from ecdit_jax.parallel import axes
 from ecdit_jax.parallel import mesh as mesh_lib
 
 
@@ -112,8 +114,8 @@ class FrozenTextEncoder:
     return np.asarray(context[0]), np.asarray(lengths[0])
 
   def placed(self, mesh: Mesh | None) -> FrozenTextEncoder:
-    """A copy whose parameters are replicated on every device of ``mesh`` (None: on the default
-    device), so that jitted calls do not copy them from the host each time."""
+    """A copy whose parameters are on the devices (``place``: split over ``mesh``, or on the
+    default device), so that jitted calls do not copy them from the host each time."""
     return dataclasses.replace(self, params=place(self.params, mesh))
 
 
@@ -123,25 +125,60 @@ def to_host(tree, dtype) -> Any:
   return jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), tree)
 
 
+def logical_names(path, shape) -> tuple[str | None, ...]:
+  """The logical axes of a frozen network's parameter, by its kind, for the model's own rule
+  table (``parallel.mesh.RULES``): an embedding table's rows over ``vocab`` and width over
+  ``embed``; a dense kernel (in, out) over ``embed`` and ``mlp``; a convolution (h, w, in, out)
+  the same on its channels. So FSDP splits the encoder's width and tensor parallelism its other
+  side, as in the DiT. Vectors (biases, norm scales) and T5's relative position table stay
+  whole."""
+  keys = [str(getattr(k, "key", k)) for k in path]
+  if len(shape) <= 1 or "relative_attention_bias" in keys:
+    return (None,) * len(shape)
+  if keys[-1] == "embedding":
+    return (axes.VOCAB, axes.EMBED)
+  if len(shape) == 2:
+    return (axes.EMBED, axes.MLP)
+  if len(shape) == 4:
+    return (None, None, axes.EMBED, axes.MLP)
+  return (None,) * len(shape)
+
+
+def frozen_shardings(tree, mesh: Mesh):
+  """NamedShardings of a frozen network's parameters on ``mesh`` (see ``logical_names``)."""
+  specs = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: PartitionSpec(*logical_names(path, np.shape(leaf))), tree)
+  return mesh_lib.tree_shardings(tree, specs, mesh)
+
+
 def place(tree, mesh: Mesh | None):
-  """Every leaf of ``tree`` on the default device (``mesh`` None), or as a global array
-  replicated over ``mesh``, built from host copies (valid in multi-process runs, where every
-  process holds the same values)."""
+  """Every leaf of ``tree`` on the default device (``mesh`` None), or split over ``mesh`` as
+  ``frozen_shardings`` says, each device holding only its share; built from host copies
+  (valid in multi-process runs, where every process holds the same values)."""
   if mesh is None:
     return jax.device_put(tree)
-  whole = NamedSharding(mesh, PartitionSpec())
 
-  def put(leaf):
+  def put(leaf, sharding):
     host = np.asarray(leaf)
-    return jax.make_array_from_callback(host.shape, whole, lambda index: host[index])
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-  return jax.tree.map(put, tree)
+  return jax.tree.map(put, tree, frozen_shardings(tree, mesh))
 
 
-def _read_width(kind: str, weights_dir: str) -> int:
+def shardings_of(tree):
+  """The shardings of placed arrays (for the ``in_shardings`` of the jits that take them)."""
+  return jax.tree.map(lambda leaf: leaf.sharding, tree)
+
+
+def encoder_width(kind: str, weights_dir: str,
+                  key: str = "config.pretrained.text_encoder") -> int:
+  """The context width of the T5 or CLIP text encoder in ``weights_dir``, from its config.json
+  (no weight is read); errors name ``key``, the setting that gave the directory."""
+  if not weights_dir or not os.path.isdir(weights_dir):
+    raise ConfigError(f"{key}={weights_dir!r} is not a directory")
   path = os.path.join(weights_dir, "config.json")
   if not os.path.isfile(path):
-    raise ConfigError(f"config.pretrained.text_encoder={weights_dir}: no config.json there "
+    raise ConfigError(f"{key}={weights_dir}: no config.json there "
                       f"(expected a Hugging Face {kind.upper()} directory)")
   with open(path, encoding="utf-8") as f:
     values = json.load(f)
@@ -150,41 +187,101 @@ def _read_width(kind: str, weights_dir: str) -> int:
   return int((values.get("text_config") or values).get("hidden_size", 512))
 
 
-def load_frozen_text_encoder(kind: str, weights_dir: str, dtype: str,
-                             model_config: ModelConfig) -> FrozenTextEncoder:
+def load_text_encoder(kind: str, weights_dir: str, dtype: str, *, max_len: int, output_dtype,
+                      width: int | None = None,
+                      key: str = "config.pretrained.text_encoder") -> FrozenTextEncoder:
   """Loads a T5 or CLIP text encoder and its tokenizer from a Hugging Face directory.
 
-  The context width must equal ``config.model.text_hidden_size``; this is checked from the
-  weights' config.json before any weight is read. Parameters are cast to ``dtype`` and kept on
-  the host: ``placed`` puts them on the devices.
+  ``width``, when given, must be the encoder's (checked from config.json before any weight is
+  read). Parameters are cast to ``dtype`` and kept on the host: ``placed`` puts them on the
+  devices. Errors name ``key``, the setting that gave ``weights_dir``.
   """
   if kind not in ("t5", "clip"):
     raise ConfigError(f"config.model.text_encoder={kind!r} is not a pretrained encoder")
-  if not weights_dir or not os.path.isdir(weights_dir):
-    raise ConfigError(f"config.pretrained.text_encoder={weights_dir!r} is not a directory")
-  width = _read_width(kind, weights_dir)
-  if width != model_config.text_hidden_size:
-    raise ConfigError(
-        f"config.model.text_hidden_size={model_config.text_hidden_size} must equal the width "
-        f"{width} of the {kind.upper()} encoder in {weights_dir}")
+  found_width = encoder_width(kind, weights_dir, key)
+  if width is not None and found_width != width:
+    raise ConfigError(f"config.model.text_hidden_size={width} must equal the width "
+                      f"{found_width} of the {kind.upper()} encoder in {weights_dir}")
   if kind == "t5":
-    encoder = load_t5_encoder(weights_dir)
-    tokenizer = load_t5_tokenizer(weights_dir)
-    eos_id = tokenizer.eos_id
+    encoder, tokenizer = load_t5_encoder(weights_dir), load_t5_tokenizer(weights_dir)
   else:
     encoder = load_clip_text(weights_dir)
     tokenizer = ClipIdsTokenizer(load_clip_tokenizer(weights_dir))
-    eos_id = tokenizer.eos_id
     positions = encoder.config.max_position_embeddings
-    if model_config.text_max_len > positions:
-      raise ConfigError(f"config.model.text_max_len={model_config.text_max_len} exceeds the "
-                        f"{positions} positions of the CLIP text encoder in {weights_dir}")
+    if max_len > positions:
+      raise ConfigError(f"config.model.text_max_len={max_len} exceeds the {positions} positions "
+                        f"of the CLIP text encoder in {weights_dir}")
   graphdef, params = nnx.split(encoder)
   return FrozenTextEncoder(kind=kind, weights_dir=weights_dir, graphdef=graphdef,
-                           params=to_host(params, dtype),
-                           tokenizer=tokenizer, eos_id=int(eos_id), width=width,
-                           max_len=model_config.text_max_len,
-                           output_dtype=model_config.compute_dtype)
+                           params=to_host(params, dtype), tokenizer=tokenizer,
+                           eos_id=int(tokenizer.eos_id), width=found_width, max_len=max_len,
+                           output_dtype=jnp.dtype(output_dtype))
+
+
+def load_frozen_text_encoder(kind: str, weights_dir: str, dtype: str,
+                             model_config: ModelConfig) -> FrozenTextEncoder:
+  """The text encoder of a model: its context width must be ``config.model.text_hidden_size``,
+  prompts are ``text_max_len`` tokens, and the context comes out in the compute dtype."""
+  return load_text_encoder(kind, weights_dir, dtype, max_len=model_config.text_max_len,
+                           output_dtype=model_config.compute_dtype,
+                           width=model_config.text_hidden_size)
+
+
+@dataclasses.dataclass
+class PrecomputedContext:
+  """A fixed set of prompts encoded once, behind a text encoder's interface.
+
+  ``encode(params, rows)`` looks up rows of the table (the empty caption is the last row);
+  ``rows`` is the matching tokenizer, turning each prompt into its row. A run that trains on
+  cached context uses it for its sample grids and evaluations: the frozen encoder is loaded
+  once, at start, to fill the table, and is not kept on the devices.
+  """
+
+  prompts: tuple[str, ...]
+  params: dict  # {"context": (N + 1, L, width), "lengths": (N + 1,)}
+  tokenizer: Any  # the encoder's own, for what ``prompt_warnings`` checks
+
+  @classmethod
+  def of(cls, encoder: FrozenTextEncoder, prompts) -> PrecomputedContext:
+    prompts = tuple(prompts)
+    context, lengths = jax.jit(encoder.encode)(encoder.params, encoder.tokenize([*prompts, ""]))
+    return cls(prompts, {"context": np.asarray(context), "lengths": np.asarray(lengths)},
+               encoder.tokenizer)
+
+  @property
+  def null_row(self) -> np.ndarray:
+    return np.asarray(len(self.prompts), np.int32)
+
+  @property
+  def rows(self) -> PromptRows:
+    return PromptRows(self.prompts, self.tokenizer)
+
+  def encode(self, params, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return params["context"][rows], params["lengths"][rows]
+
+  def placed(self, mesh: Mesh | None) -> PrecomputedContext:
+    return dataclasses.replace(self, params=place(self.params, mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRows:
+  """The tokenizer of a ``PrecomputedContext``: a prompt's "tokens" are its row of the table.
+  Other attributes (``encode``, ``unk_id``) are the encoder's tokenizer's."""
+
+  prompts: tuple[str, ...]
+  tokenizer: Any
+
+  def encode_batch(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+    del max_len  # the table's rows hold the whole padded context
+    unknown = [t for t in texts if t not in self.prompts]
+    if unknown:
+      raise ValueError(f"prompts {unknown} were not encoded beforehand")
+    return np.asarray([self.prompts.index(t) for t in texts], np.int32)
+
+  def __getattr__(self, name):
+    if name == "tokenizer":  # not set yet (copying): no recursion
+      raise AttributeError(name)
+    return getattr(self.tokenizer, name)
 
 
 @dataclasses.dataclass
@@ -215,11 +312,10 @@ class FrozenVae:
 
 def make_image_encoder(vae: FrozenVae, mesh: Mesh):
   """batch -> batch with its pixel ``image`` replaced by the VAE's latents, jitted with the
-  images and latents split over the batch axes like the train batch; ``vae`` must be placed
-  (replicated) on ``mesh``."""
-  whole = NamedSharding(mesh, PartitionSpec())
+  images and latents split over the batch axes like the train batch; ``vae`` must be placed on
+  ``mesh``."""
   rows = mesh_lib.batch_sharding(mesh, 4)
-  encode = jax.jit(vae.encode, in_shardings=(whole, rows), out_shardings=rows)
+  encode = jax.jit(vae.encode, in_shardings=(shardings_of(vae.params), rows), out_shardings=rows)
 
   def encode_batch(batch: dict) -> dict:
     return {**batch, batch_keys.IMAGE: encode(vae.params, batch[batch_keys.IMAGE])}
@@ -246,11 +342,10 @@ def make_batch_encoder(encoder: FrozenTextEncoder, mesh: Mesh) -> Callable[[dict
   """batch -> batch with ``tokens`` replaced by ``context`` and ``context_lengths``.
 
   Jitted with the tokens split over the batch axes like the train batch, and the outputs split
-  the same way, so nothing moves between devices; ``encoder``'s parameters must be replicated
-  on ``mesh`` (``FrozenTextEncoder.placed``).
+  the same way; ``encoder``'s parameters must be placed on ``mesh`` (``FrozenTextEncoder.placed``).
   """
-  whole = NamedSharding(mesh, PartitionSpec())
-  encode = jax.jit(encoder.encode, in_shardings=(whole, mesh_lib.batch_sharding(mesh, 2)),
+  encode = jax.jit(encoder.encode, in_shardings=(shardings_of(encoder.params),
+                                                 mesh_lib.batch_sharding(mesh, 2)),
                    out_shardings=(mesh_lib.batch_sharding(mesh, 3),
                                   mesh_lib.batch_sharding(mesh, 1)))
 

@@ -12,6 +12,11 @@ from ecdit_jax.eval import geneval_shapes as scorer
 from ecdit_jax.inference.images import to_uint8
 
 
+def evaluation_captions(num_per_category: int) -> list[str]:
+  """The captions every score is taken over (``evaluation_prompts(num_per_category, seed=0)``)."""
+  return [p.caption for p in scorer.evaluation_prompts(num_per_category, seed=0)]
+
+
 def geneval_shapes_score(sampler, params, tokenizer, null_tokens, text_max_len: int, *,
                          num_per_category: int, seed: int, batch_size: int,
                          progress=None) -> dict:

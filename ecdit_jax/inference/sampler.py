@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ecdit_jax.diffusion.samplers import cfg_velocity_fn, sample
+from ecdit_jax.encoders.frozen import shardings_of
 from ecdit_jax.model.config import ModelConfig
 
 
@@ -72,7 +73,7 @@ def make_sampler(graphdef: nnx.GraphDef, model_config: ModelConfig, *, num_steps
   without its own text encoder; ``vae`` (``encoders.frozen.FrozenVae``) decodes the sampled
   latents of a latent-space model, and the sampler then returns images (B, h f, w f, 3)
   nominally in [-1, 1]. Both networks' parameters are arguments of the jitted function, not
-  constants of it, and replicated on the mesh (pass them already placed there).
+  constants of it (pass them already placed on the mesh: ``encoders.frozen.place``).
   ``record_routing``: the sampler returns (images, experts per token (steps, MoE layers, B,
   tokens) int32) of the conditional half.
   """
@@ -80,7 +81,8 @@ def make_sampler(graphdef: nnx.GraphDef, model_config: ModelConfig, *, num_steps
   jit_kwargs = {}
   if mesh is not None:
     whole = NamedSharding(mesh, PartitionSpec())
-    jit_kwargs = dict(in_shardings=(param_shardings, whole, whole, whole, whole, whole, whole),
+    frozen = [whole if net is None else shardings_of(net.params) for net in (text_encoder, vae)]
+    jit_kwargs = dict(in_shardings=(param_shardings, *frozen, whole, whole, whole, whole),
                       out_shardings=whole)
   # token_counts: (MoE layers, 2B, tokens); the conditional half comes first.
   step_outputs = (lambda aux, b: aux["token_counts"][:, :b]) if record_routing else None

@@ -12,6 +12,7 @@ import hashlib
 import os
 import time
 
+import numpy as np
 from etils import epath
 
 from ecdit_jax.config import TrainConfig
@@ -85,6 +86,30 @@ def check_tokenizer_fits(tok, model_config: ModelConfig) -> None:
                       f"config.model.text_vocab_size={model_config.text_vocab_size}; raise it")
 
 
+def cached_context(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+  """For ``config.data.cached_context``: the dataset's empty caption (context, length), after
+  checking that its captions were encoded by the model's kind of encoder, at its width and
+  prompt length; the error names what differs."""
+  directory = cfg.data.latent_dir
+  info = (latents.read_info(directory) or {}).get("text_context")
+  null = latents.read_null_context(directory)
+  if info is None or null is None:
+    raise ConfigError(f"config.data.cached_context is on, but {directory} holds no encoded "
+                      "captions: precompute them with --text_encoder=DIR, or turn it off to "
+                      "encode captions as batches are read")
+  model = cfg.model
+  wanted = {"kind": model.text_encoder, "width": model.text_hidden_size,
+            "max_len": model.text_max_len}
+  keys = {"kind": "text_encoder", "width": "text_hidden_size", "max_len": "text_max_len"}
+  differ = [f"config.model.{keys[k]}={v!r} but the captions in {directory} were encoded "
+            f"{'by' if k == 'kind' else 'with'} {k} {info.get(k)!r}"
+            for k, v in wanted.items() if info.get(k) != v]
+  if differ:
+    raise ConfigError("; ".join(differ) + f" ({directory}/{latents.INFO_FILE}): precompute "
+                      "them again with this encoder, or turn config.data.cached_context off")
+  return null[0], np.asarray(null[1], np.int32)
+
+
 def data_order(cfg: TrainConfig, source) -> dict:
   """What fixes the order of the training data (saved with every checkpoint)."""
   return {"dataset": cfg.data.dataset, "num_records": len(source),
@@ -99,7 +124,8 @@ def _preprocess(cfg: TrainConfig, tok, vae_factor: int, scale: bool) -> pipeline
       tok, cfg.model.image_size * (vae_factor if cfg.data.vae_encode else 1),
       cfg.model.text_max_len, image_key, text_key,
       latent_channels=cfg.model.in_channels if latent_dir is not None else None,
-      resize_images=cfg.data.vae_encode, scale=scale)
+      resize_images=cfg.data.vae_encode, scale=scale,
+      context_width=cfg.model.text_hidden_size if cfg.data.cached_context else None)
 
 
 def train_batches(cfg: TrainConfig, source, tok, *, start_step: int, process_index: int,

@@ -22,6 +22,7 @@ from ecdit_jax.data import sources
 from ecdit_jax.data import tokenizer as tokenizer_lib
 from ecdit_jax.encoders import frozen
 from ecdit_jax.fileio import write_atomic
+from ecdit_jax.inference import geneval
 from ecdit_jax.inference.run import CONFIG_FILE, frozen_networks
 from ecdit_jax.inference.sampler import make_sampler
 from ecdit_jax.parallel import mesh as mesh_lib
@@ -34,20 +35,32 @@ from ecdit_jax.train.step import make_train_step
 
 
 class FrozenStages:
-  """The frozen networks on the mesh and what they do to each host batch before the step:
-  the text encoder turns tokens into context, the VAE (with ``data.vae_encode``) pixels into
-  latents. ``null_context`` is the empty caption through the text encoder."""
+  """The frozen networks on the mesh and what they do to each host batch before the step: the
+  text encoder turns tokens into context, the VAE (with ``data.vae_encode``) pixels into
+  latents. With ``data.cached_context`` the batches carry context already and no text encoder
+  is kept: one is loaded only to encode ``config.sample.prompts`` once.
+
+  ``encoded_text``: batches reach the step as context; ``null_context``: the empty caption's
+  (context, length) for caption dropout; ``sampler_text``: what the sampler encodes prompts
+  with (a FrozenTextEncoder, a PrecomputedContext, or None for the model's own encoder)."""
 
   def __init__(self, cfg: TrainConfig, mesh):
-    needs_vae = cfg.data.vae_encode or cfg.sample_every_steps or cfg.eval_every_steps
-    text, vae = frozen_networks(cfg, vae=bool(needs_vae))
-    self.text_encoder = None if text is None else text.placed(mesh)
+    cached = cfg.data.cached_context
+    samples = bool(cfg.sample_every_steps or cfg.eval_every_steps)
+    text, vae = frozen_networks(cfg, text_encoder=not cached or samples,
+                                vae=cfg.data.vae_encode or samples)
     self.vae = None if vae is None else vae.placed(mesh)
-    self.null_context = None
-    self._stages = []
-    if self.text_encoder is not None:
-      self.null_context = self.text_encoder.null_caption()
-      self._stages.append(frozen.make_batch_encoder(self.text_encoder, mesh))
+    self.encoded_text = cfg.model.has_pretrained_text_encoder
+    self.null_context, self.sampler_text, self._stages = None, None, []
+    if cached:
+      self.null_context = input_lib.cached_context(cfg)
+      if text is not None:
+        table = frozen.PrecomputedContext.of(text.placed(mesh), _prompts_sampled(cfg))
+        self.sampler_text = table.placed(mesh)
+    elif text is not None:
+      encoder = text.placed(mesh)
+      self.null_context, self.sampler_text = encoder.null_caption(), encoder
+      self._stages.append(frozen.make_batch_encoder(encoder, mesh))
     if cfg.data.vae_encode:
       self._stages.append(frozen.make_image_encoder(self.vae, mesh))
 
@@ -55,6 +68,14 @@ class FrozenStages:
     for stage in self._stages:
       batch = stage(batch)
     return batch
+
+
+def _prompts_sampled(cfg: TrainConfig) -> list[str]:
+  """Every prompt the run's sample grids and evaluations encode."""
+  prompts = list(cfg.sample.prompts) if cfg.sample_every_steps else []
+  if cfg.eval_every_steps:
+    prompts += geneval.evaluation_captions(cfg.eval.num_per_category)
+  return list(dict.fromkeys(prompts))
 
 
 def steps_in_call(cfg: TrainConfig, step: int) -> int:
@@ -74,7 +95,7 @@ class StepCalls:
   def __init__(self, cfg: TrainConfig, graphdef, shardings, mesh, optimizer, null_tokens,
                stages: FrozenStages):
     self._cfg, self._mesh, self._stages = cfg, mesh, stages
-    ranks = batch_keys.ranks(encoded_text=stages.text_encoder is not None)
+    ranks = batch_keys.ranks(encoded_text=stages.encoded_text)
     stacked_too = {False, cfg.steps_per_call > 1}
     self._calls = {}
     for masked in {False, cfg.diffusion.mask_ratio > 0}:
@@ -152,12 +173,18 @@ def _restore_or_init(cfg: TrainConfig, workdir: str, checkpointer: Checkpointer,
   return graphdef, state, shardings
 
 
-def _tokenizer(cfg: TrainConfig, workdir: str, source, stages: FrozenStages):
-  if stages.text_encoder is not None:  # the pretrained encoder's vocabulary
-    return stages.text_encoder.tokenizer
-  tok = input_lib.tokenizer_for(cfg, workdir, source, jax.process_index())
-  input_lib.check_tokenizer_fits(tok, cfg.model)
-  return tok
+def _tokenizers(cfg: TrainConfig, workdir: str, source, stages: FrozenStages):
+  """(the data pipeline's tokenizer, or None when the batches carry encoded captions; the
+  sample prompts' tokenizer and empty caption, or None when the run does not sample)."""
+  if cfg.data.cached_context:
+    table = stages.sampler_text
+    return None, (None if table is None else (table.rows, table.null_row))
+  if stages.sampler_text is not None:  # the pretrained encoder's vocabulary
+    tok = stages.sampler_text.tokenizer
+  else:
+    tok = input_lib.tokenizer_for(cfg, workdir, source, jax.process_index())
+    input_lib.check_tokenizer_fits(tok, cfg.model)
+  return tok, (tok, tokenizer_lib.null_tokens(tok, cfg.model.text_max_len))
 
 
 def build(cfg: TrainConfig, workdir: str) -> Run:
@@ -169,8 +196,8 @@ def build(cfg: TrainConfig, workdir: str) -> Run:
   source = sources.open_source(cfg.data, "train", image_size=cfg.model.image_size * vae_factor)
   input_lib.check_latent_shape(cfg, source)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # once the inputs are known to work
-  tokenizer = _tokenizer(cfg, workdir, source, stages)
-  null_tokens = tokenizer_lib.null_tokens(tokenizer, cfg.model.text_max_len)
+  tokenizer, prompt_text = _tokenizers(cfg, workdir, source, stages)
+  null_tokens = None if tokenizer is None else prompt_text[1]
   optimizer = make_optimizer(cfg)
   checkpointer = Checkpointer(workdir, max_to_keep=cfg.keep_checkpoints)
   data_order = input_lib.data_order(cfg, source)
@@ -186,10 +213,10 @@ def build(cfg: TrainConfig, workdir: str) -> Run:
     sampler = make_sampler(graphdef, cfg.model, num_steps=cfg.sample.num_steps,
                            cfg_scale=cfg.sample.cfg_scale, method=cfg.sample.method,
                            param_shardings=shardings.ema_params, mesh=mesh,
-                           text_encoder=stages.text_encoder, vae=stages.vae)
-    actions = [hooks.SampleGrids(cfg, sampler, tokenizer, null_tokens, workdir, writer,
+                           text_encoder=stages.sampler_text, vae=stages.vae)
+    actions = [hooks.SampleGrids(cfg, sampler, *prompt_text, workdir, writer,
                                  write_files=jax.process_index() == 0),
-               hooks.Evaluation(cfg, sampler, tokenizer, null_tokens, writer)]
+               hooks.Evaluation(cfg, sampler, *prompt_text, writer)]
   return Run(config=cfg, workdir=workdir, state=state,
              calls=StepCalls(cfg, graphdef, shardings, mesh, optimizer, null_tokens, stages),
              batches=batches,

@@ -34,7 +34,8 @@ def _take(iterator, n):
 def test_cached_records_are_bit_for_bit_the_pipelines(tokenizer):
   source = IndexedSource(23)  # PNG-encoded and raw images mixed
   records = _decode(source, tokenizer)
-  assert records.images.dtype == np.uint8 and len(records) == 23 and records.num_skipped == 0
+  assert records.arrays["image"].dtype == np.uint8 and len(records) == 23
+  assert records.num_skipped == 0
   [(single_pass, _)] = list(pipeline.read_in_order(source, _preprocess(tokenizer, scale=True)))
   from_cache = records.batch(np.arange(23))
   assert from_cache["image"].dtype == np.float32

@@ -1,7 +1,6 @@
 """Frozen pretrained text encoders and latent data: encodings, the context-form train step, and
 the config errors that name their keys."""
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ from flax import nnx
 from ecdit_jax.checkpoint import check_same_model
 from ecdit_jax.config import TrainConfig, upgrade
 from ecdit_jax.data import latents as latent_format
-from ecdit_jax.encoders import clip, frozen, random_init, safetensors_weights
+from ecdit_jax.encoders import frozen, random_init
 from ecdit_jax.encoders.t5 import load_t5_encoder
 from ecdit_jax.errors import ConfigError
 from ecdit_jax.model import ModelConfig, TextToImageDiT
@@ -20,7 +19,7 @@ from ecdit_jax.model.keys import ParamKeys
 from ecdit_jax.model.params import build_model, to_pure_dict
 from ecdit_jax.train import input as input_lib
 from ecdit_jax.train.step import make_loss_fn
-from tests.eval.reference_models import write_clip_tokenizer_dir
+from tests.encoders.random_clip import write_random_clip_text
 from tests.tiny import tiny_train_config
 
 CAPTIONS = ["a red circle", "two squares", "a blue triangle above a green square", ""]
@@ -59,24 +58,8 @@ def test_frozen_t5_gives_the_directly_loaded_encoders_states(t5_dir):
   np.testing.assert_allclose(null_context[:1], context[-1, :1], rtol=1e-5, atol=1e-5)
 
 
-class _ClipTextCheckpoint(nnx.Module):
-  """The text tower under the name a CLIPTextModel checkpoint stores it as."""
-
-  def __init__(self, config, rngs):
-    self.text_model = clip.ClipTextTransformer(config, rngs=rngs, precision=None)
-
-
 def test_frozen_clip_text_tower_from_a_text_only_directory(tmp_path):
-  write_clip_tokenizer_dir(tmp_path)
-  vocab = json.loads((tmp_path / "vocab.json").read_text())
-  eos = vocab["<|endoftext|>"]
-  values = dict(vocab_size=len(vocab), hidden_size=T5_WIDTH, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                hidden_act="quick_gelu", eos_token_id=eos)
-  config = clip.ClipTextConfig(**values)
-  saved = random_init.random_module(lambda: _ClipTextCheckpoint(config, ParamKeys(0)), seed=1)
-  safetensors_weights.save_parameters(saved, tmp_path / "model.safetensors")
-  (tmp_path / "config.json").write_text(json.dumps({**values, "architectures": ["CLIPTextModel"]}))
+  saved, eos = write_random_clip_text(tmp_path, width=T5_WIDTH)
   encoder = frozen.load_frozen_text_encoder("clip", str(tmp_path), "float32",
                                             pretrained_model_config("clip"))
   tokens = encoder.tokenize(CAPTIONS)
