@@ -18,6 +18,10 @@ padded or cut to ``--text_max_len`` tokens as a model with that ``text_max_len``
 states of the valid tokens are stored beside the latent in ``--text_dtype``: a run with
 ``config.data.cached_context`` then trains without a text encoder on its devices.
 
+Each process splits the VAE's and the text encoder's weights over its own devices (an fsdp
+axis, by the model's rules: a T5-XXL need not fit on one chip) and every batch along them;
+``--batch_size`` is rounded up to a multiple of the devices.
+
 Source record i goes to JAX process i % process_count; each process groups its records, in order,
 into chunks of ``--chunk_size`` source records. Records that cannot be used (an image that does
 not decode, a missing or empty caption) are skipped and counted, so a chunk may hold fewer
@@ -29,6 +33,7 @@ or text encoder setting is refused.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 
 from absl import flags, logging
@@ -175,37 +180,59 @@ def text_settings() -> dict | None:
           "max_len": FLAGS.text_max_len, "dtype": FLAGS.text_dtype}
 
 
-def make_caption_encoder(encoder, batch_size: int):
+def make_caption_encoder(encoder, batch_size: int, mesh):
   """captions -> a list of each caption's states of its valid tokens, (n, width) numpy arrays
-  in the encoder's output dtype. Batches are padded to ``batch_size`` so it compiles once."""
+  in the encoder's output dtype. ``encoder`` is placed on ``mesh``; batches are padded to
+  ``batch_size`` so it compiles once."""
   import jax
   import numpy as np
 
-  encode = jax.jit(encoder.encode)
+  from ecdit_jax.data import batch as batch_keys
+  from ecdit_jax.encoders import frozen
+
+  encode = frozen.make_batch_encoder(encoder, mesh)
 
   def run(captions: list[str]) -> list:
     tokens = encoder.tokenize(captions + [""] * (batch_size - len(captions)))
-    context, lengths = jax.device_get(encode(encoder.params, tokens))
+    out = jax.device_get(encode({batch_keys.TOKENS: tokens}))
+    context, lengths = out[batch_keys.CONTEXT], out[batch_keys.CONTEXT_LENGTHS]
     return [np.asarray(context[i, :lengths[i]]) for i in range(len(captions))]
 
   return run
 
 
-def make_encoder(vae, batch_size: int, sample: bool, seed: int):
+def local_mesh():
+  """This process's devices as one fsdp axis: the frozen networks' weights are split over them
+  by the model's rules (``encoders.frozen``) and every batch is split along them."""
+  import jax
+
+  from ecdit_jax.parallel import mesh as mesh_lib
+
+  return mesh_lib.create_mesh(mesh_lib.MeshConfig(data=1, fsdp=-1), jax.local_devices())
+
+
+def make_encoder(vae, batch_size: int, sample: bool, seed: int, mesh):
   """A function (uint8 (n, S, S, 3), record indices (n,)) -> float32 numpy latents (n, h, w, C).
 
-  Batches are padded to ``batch_size`` so the VAE compiles once. Each image is encoded on its
-  own under vmap, so its latent (and its posterior sample) does not depend on the batching.
+  Batches are padded to ``batch_size`` (a multiple of the mesh's devices) so the VAE compiles
+  once. Each image is encoded on its own under vmap, so its latent (and its posterior sample)
+  does not depend on the batching.
   """
   import jax
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
 
+  from ecdit_jax.encoders import frozen
+  from ecdit_jax.parallel.mesh import batch_sharding
+
   graphdef, state = nnx.split(vae)
+  state = frozen.place(state, mesh)
   base_key = jax.random.key(seed)
 
-  @jax.jit
+  @functools.partial(jax.jit, in_shardings=(frozen.shardings_of(state), batch_sharding(mesh, 4),
+                                            batch_sharding(mesh, 1)),
+                     out_shardings=batch_sharding(mesh, 4))
   def encode(state, images, indices):
     model = nnx.merge(graphdef, state)
     images = images.astype(jnp.float32) / 127.5 - 1.0
@@ -266,15 +293,13 @@ def write_chunks(out: str, source, chunks, encode, encode_captions, batch_size: 
                  image_size: int) -> tuple[int, int]:
   """Writes this process's chunks not yet done; (records written, records skipped), counting
   those of chunks completed by an earlier, interrupted run."""
-  from functools import partial
-
   from array_record.python import array_record_data_source
 
   from ecdit_jax.data import latents as latent_format
 
   written = skipped = 0
   process_index, process_count = _process()
-  load = partial(_load_record, source, image_size)
+  load = functools.partial(_load_record, source, image_size)
   with concurrent.futures.ThreadPoolExecutor(_LOADER_THREADS) as pool:
     for chunk, indices in enumerate(chunks):
       path = latent_format.chunk_path(out, process_index, process_count, chunk)
@@ -298,7 +323,7 @@ def _process() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
-def _caption_encoder(settings: dict | None, batch_size: int, out: str):
+def _caption_encoder(settings: dict | None, batch_size: int, out: str, mesh):
   """The caption encoder of ``--text_encoder`` (None without it); process 0 also writes the
   empty caption's states, which the runs use for caption dropout."""
   if settings is None:
@@ -310,10 +335,10 @@ def _caption_encoder(settings: dict | None, batch_size: int, out: str):
 
   encoder = frozen.load_text_encoder(
       settings["kind"], settings["weights"], settings["dtype"], max_len=settings["max_len"],
-      output_dtype=settings["dtype"], key="--text_encoder").placed(None)
+      output_dtype=settings["dtype"], key="--text_encoder").placed(mesh)
   if jax.process_index() == 0:
     latent_format.write_null_context(out, *encoder.null_caption())
-  return make_caption_encoder(encoder, batch_size)
+  return make_caption_encoder(encoder, batch_size, mesh)
 
 
 def main(argv):
@@ -339,10 +364,12 @@ def main(argv):
   size = FLAGS.image_size
   latent_shape = jax.eval_shape(
       vae.latents_from_images, jax.ShapeDtypeStruct((1, size, size, 3), np.float32)).shape[1:]
+  mesh = local_mesh()
   batch_size = FLAGS.batch_size or (4 if jax.default_backend() == "cpu" else 32)
-  encode = make_encoder(vae, batch_size, FLAGS.sample_latents, FLAGS.seed)
+  batch_size = -(-batch_size // mesh.size) * mesh.size  # whole rows for every device
+  encode = make_encoder(vae, batch_size, FLAGS.sample_latents, FLAGS.seed, mesh)
   os.makedirs(FLAGS.out, exist_ok=True)
-  encode_captions = _caption_encoder(expected["text_context"], batch_size, FLAGS.out)
+  encode_captions = _caption_encoder(expected["text_context"], batch_size, FLAGS.out, mesh)
   info = dict(expected, latent_shape=list(latent_shape), dtype="float32", count=None,
               skipped=None, sample_latents=FLAGS.sample_latents, seed=FLAGS.seed,
               chunk_size=FLAGS.chunk_size, process_count=process_count)
