@@ -1,5 +1,5 @@
 """The launchers: shell syntax and lint, the commands they run (dry runs and stand-ins for gcloud
-and srun that record or execute them locally), and the Colab notebook executed on CPU."""
+and srun that record or execute them locally). The Colab notebook: test_colab.py."""
 
 import os
 import shutil
@@ -13,7 +13,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAUNCH = os.path.join(ROOT, "launch")
 TPU = os.path.join(LAUNCH, "tpu_pod.sh")
 SLURM = os.path.join(LAUNCH, "gpu_slurm.sh")
-NOTEBOOK = os.path.join(LAUNCH, "colab_tpu.ipynb")
 PROMPTS = """--config.sample.prompts=('a red circle', "it's blue")"""  # spaces and both quotes
 
 
@@ -228,49 +227,3 @@ def test_slurm_starts_one_process_per_task(tmp_path):
   prefix = f"-m|ecdit_jax.main|--config=configs/default.py|--workdir=/w|{PROMPTS}|"
   assert rows == [prefix + f"--coordinator_address=gpu001:61447|--num_processes=2|"
                   f"--process_id={i}|" for i in (0, 1)]
-
-
-def test_notebook_is_clean():
-  nbformat = pytest.importorskip("nbformat")
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  nbformat.validate(nb)
-  code = [cell for cell in nb.cells if cell.cell_type == "code"]
-  assert all(not cell.outputs and cell.execution_count is None for cell in code)
-  assert [cell for cell in code if "parameters" in cell.metadata.get("tags", [])] == [code[0]]
-
-
-@pytest.mark.slow
-def test_notebook_trains_on_cpu(data_dir, tmp_path):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
-  pytest.importorskip("ipykernel")
-  workdir = tmp_path / "run"
-  # The CPU-sized model of tests/train/train_testing.py, two steps, a grid at the second.
-  tiny = {"model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2,
-          "model.num_kv_heads": 1, "model.num_experts": 4, "model.text_hidden_size": 16,
-          "model.text_num_layers": 1, "model.text_num_heads": 2, "model.text_max_len": 12,
-          "data.num_train": 96, "data.num_test": 16, "batch_size": 4, "warmup_steps": 1,
-          "log_every_steps": 1, "checkpoint_every_steps": 2, "sample.num_steps": 2}
-  params = {"NUM_STEPS": 2, "SAMPLE_EVERY": 2, "WORKDIR": str(workdir), "DATA_DIR": data_dir,
-            "INSTALL": False, "EXTRA_OVERRIDES": tiny}
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  [cell] = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-  for name in params:
-    assert f"\n{name} = " in "\n" + cell.source, f"{name} is not a parameter of the notebook"
-  # As papermill does: the injected values come after the defaults and win.
-  cell.source += "\n# injected by the test\n" + "".join(f"{k} = {v!r}\n" for k, v in params.items())
-  # One CPU device, as on a CPU-only Colab, not the 8 simulated ones of the test session.
-  xla_flags = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
-                       if "xla_force_host_platform_device_count" not in flag)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
-  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                   resources={"metadata": {"path": LAUNCH}})
-  client.execute(env=env)
-
-  outputs = [output for cell in nb.cells if cell.cell_type == "code" for output in cell.outputs]
-  text = "".join(output.get("text", "") for output in outputs)
-  assert f"repository: {ROOT}" in text
-  assert "cpu [CpuDevice(id=0)]" in text
-  assert "step 2/2" in text and "trained to step 2" in text
-  assert any("image/png" in output.get("data", {}) for output in outputs)
-  assert sorted(os.listdir(workdir / "samples")) == ["step_0000002.png", "step_0000002.txt"]
