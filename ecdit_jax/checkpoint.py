@@ -14,7 +14,6 @@ Inference restores the parameters alone (``restore_params``), straight into thei
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from ecdit_jax.errors import ConfigError
+from ecdit_jax.fileio import absolute
 from ecdit_jax.model.config import COMPUTE_ONLY_KEYS, SCRATCH_TEXT_KEYS, ModelConfig
 
 CHECKPOINTS = "checkpoints"
@@ -33,7 +33,7 @@ DAMAGED = "checkpoints_damaged"  # steps that could not be read, moved aside by 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
   # Local paths are made absolute (Orbax requires it); gs:// and other URLs stay as they are.
-  root = workdir if "://" in str(workdir) else os.path.abspath(workdir)
+  root = absolute(workdir)
   return epath.Path(root) / CHECKPOINTS
 
 

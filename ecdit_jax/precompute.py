@@ -37,8 +37,9 @@ import functools
 import os
 
 from absl import flags, logging
+from etils import epath
 
-from ecdit_jax import cli
+from ecdit_jax import cli, fileio
 from ecdit_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -70,31 +71,37 @@ _LOADER_THREADS = 8
 
 
 class FolderSource:
-  """Images of a directory sorted by file name; ``None`` for those without a usable caption."""
+  """Images of a directory (local or gs://) sorted by file name; ``None`` for those without a
+  usable caption. One listing finds the images and their captions."""
 
   def __init__(self, directory: str):
-    if not os.path.isdir(directory):
+    from etils import epath
+
+    root = epath.Path(directory)
+    if not root.is_dir():
       raise ConfigError(f"--source folder {directory} does not exist")
-    names = sorted(n for n in os.listdir(directory) if n.lower().endswith(IMAGE_EXTENSIONS))
-    self.paths = [os.path.join(directory, n) for n in names]
+    names = {path.name for path in root.iterdir()}
+    images = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+    self.paths = [root / n for n in images]
+    captions = [f"{os.path.splitext(n)[0]}.txt" for n in images]
+    self.captions = [root / n if n in names else None for n in captions]
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def load(self, index: int):
     """(uint8 image, caption), or None when the record is to be skipped."""
+    import io
+
     import numpy as np
     from PIL import Image
 
-    path = self.paths[index]
-    caption_path = os.path.splitext(path)[0] + ".txt"
-    if not os.path.exists(caption_path):
+    if self.captions[index] is None:
       return None
-    with open(caption_path, encoding="utf-8") as f:
-      caption = f.read().strip()
+    caption = self.captions[index].read_text(encoding="utf-8").strip()
     if not caption:
       return None
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(self.paths[index].read_bytes())) as image:
       image.load()
       if image.mode not in ("L", "RGB", "RGBA"):  # palette, CMYK, 16-bit ...
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
@@ -153,9 +160,9 @@ def check_out_dir(out: str, expected: dict, process_count: int) -> None:
                         f"({_describe(info.get('text_context'))}); use another --out")
   suffix = f"-of-{process_count:05d}-"
   for path in latent_format.latent_files(out):
-    if suffix not in os.path.basename(path):
+    if suffix not in path.rsplit("/", 1)[-1]:
       raise ConfigError(f"--out={out} holds chunks written by a different number of processes "
-                        f"({os.path.basename(path)}); resume with the same process count")
+                        f"({path.rsplit('/', 1)[-1]}); resume with the same process count")
 
 
 def _describe(text_context: dict | None) -> str:
@@ -175,7 +182,7 @@ def text_settings() -> dict | None:
   from ecdit_jax.encoders.frozen import encoder_width
 
   kind = FLAGS.text_encoder_kind
-  return {"kind": kind, "weights": os.path.abspath(FLAGS.text_encoder),
+  return {"kind": kind, "weights": fileio.absolute(FLAGS.text_encoder),
           "width": encoder_width(kind, FLAGS.text_encoder, "--text_encoder"),
           "max_len": FLAGS.text_max_len, "dtype": FLAGS.text_dtype}
 
@@ -189,11 +196,13 @@ def make_caption_encoder(encoder, batch_size: int, mesh):
 
   from ecdit_jax.data import batch as batch_keys
   from ecdit_jax.encoders import frozen
+  from ecdit_jax.parallel.mesh import batch_sharding
 
   encode = frozen.make_batch_encoder(encoder, mesh)
 
   def run(captions: list[str]) -> list:
     tokens = encoder.tokenize(captions + [""] * (batch_size - len(captions)))
+    tokens = jax.device_put(tokens, batch_sharding(mesh, 2))
     out = jax.device_get(encode({batch_keys.TOKENS: tokens}))
     context, lengths = out[batch_keys.CONTEXT], out[batch_keys.CONTEXT_LENGTHS]
     return [np.asarray(context[i, :lengths[i]]) for i in range(len(captions))]
@@ -250,6 +259,9 @@ def make_encoder(vae, batch_size: int, sample: bool, seed: int, mesh):
     if pad:
       images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
       indices = np.concatenate([indices, np.zeros((pad,), indices.dtype)])
+    # Placed explicitly: in a multi-process job jit takes no host arrays for a split input.
+    images = jax.device_put(images, batch_sharding(mesh, 4))
+    indices = jax.device_put(indices, batch_sharding(mesh, 1))
     return np.asarray(encode(state, images, indices), np.float32)[:n]
 
   return run
@@ -354,7 +366,7 @@ def main(argv):
   from ecdit_jax.encoders.vae import load_vae
 
   process_index, process_count = _process()
-  expected = {"vae": os.path.abspath(FLAGS.vae), "image_size": FLAGS.image_size,
+  expected = {"vae": fileio.absolute(FLAGS.vae), "image_size": FLAGS.image_size,
               "source": FLAGS.source, "text_context": text_settings()}
   check_out_dir(FLAGS.out, expected, process_count)
   source = parse_source(FLAGS.source, data_dir=FLAGS.data_dir, image_key=FLAGS.image_key,
@@ -368,7 +380,7 @@ def main(argv):
   batch_size = FLAGS.batch_size or (4 if jax.default_backend() == "cpu" else 32)
   batch_size = -(-batch_size // mesh.size) * mesh.size  # whole rows for every device
   encode = make_encoder(vae, batch_size, FLAGS.sample_latents, FLAGS.seed, mesh)
-  os.makedirs(FLAGS.out, exist_ok=True)
+  epath.Path(FLAGS.out).mkdir(parents=True, exist_ok=True)
   encode_captions = _caption_encoder(expected["text_context"], batch_size, FLAGS.out, mesh)
   info = dict(expected, latent_shape=list(latent_shape), dtype="float32", count=None,
               skipped=None, sample_latents=FLAGS.sample_latents, seed=FLAGS.seed,

@@ -1,4 +1,5 @@
-"""Test-session setup: 8 simulated CPU devices so meshes and shard_map run without accelerators."""
+"""Test-session setup: 8 simulated CPU devices so meshes and shard_map run without accelerators,
+and every GCS client pointed at a local emulator (tests/gcs.py)."""
 
 import os
 
@@ -8,10 +9,26 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402  (after the environment above)
+from tests import gcs  # noqa: E402  (after the environment above)
+
+# Every GCS client of this session and of the processes it starts talks to the local emulator.
+os.environ.update(gcs.ENVIRONMENT)
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """One GenEval-Shapes build (and tokenizer cache) shared by every test that trains."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory):
+  """gs://BUCKET on the local GCS emulator (tests/gcs.py), started for the session."""
+  server = gcs.start_server(str(tmp_path_factory.mktemp("gcs")))
+  try:
+    yield f"gs://{gcs.BUCKET}"
+  finally:
+    server.terminate()
+    server.wait(timeout=30)

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ecdit_jax.data import geneval_folder
 from ecdit_jax.encoders import random_init
 from ecdit_jax.encoders.vae import load_vae
 from ecdit_jax.checkpoint import Checkpointer
@@ -43,7 +42,8 @@ def run(args):
 def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("t2i")
   images = root / "images"
-  geneval_folder.write_folder(str(images), count=8, image_size=IMAGE_SIZE, seed=0)
+  run(["ecdit_jax.data.geneval_folder", f"--out={images}", "--count=8",
+       f"--image_size={IMAGE_SIZE}"])
   t5_dir, vae_dir = random_init.write_random_models(root / "weights")
   latents = root / "latents"
   run(["ecdit_jax.precompute", f"--source=folder:{images}", f"--vae={vae_dir}",

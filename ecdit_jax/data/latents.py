@@ -6,31 +6,35 @@ C written by process P of N). Each record is ``flax.serialization.msgpack_serial
 ``"context"``: the frozen text encoder's states of the caption's valid tokens (n, width), in the
 encoder's dtype (bfloat16 by default); the padding after them is left out (the DiT masks it).
 Such a directory also holds ``null_context.msgpack``, the empty caption's states padded to the
-full length, and its info.json says which encoder wrote them (``text_context``). A chunk is complete only once its empty
-``<chunk>.done`` marker exists: the marker is written after the writer is closed, so a chunk
-interrupted mid-write has none and is rewritten on resume. ``info.json`` (written by process 0)
+full length, and its info.json says which encoder wrote them (``text_context``). A chunk is
+complete only once its empty ``<chunk>.done`` marker exists: the marker is written after the
+writer is closed, so a chunk interrupted mid-write has none and is rewritten on resume. ``info.json`` (written by process 0)
 records the latent shape and dtype, the counts and what the latents were computed from.
 
-Only numpy, PIL, array_record and flax.serialization are used: the data package must not depend
-on the model or the encoders.
+The directory may be local or in a bucket (gs://...): files are read and written through
+``etils.epath``, and ArrayRecord reads gs:// chunks itself.
+
+Only numpy, PIL, epath, array_record and flax.serialization are used: the data package must not
+depend on the model or the encoders.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from etils import epath
 from flax import serialization
 from PIL import Image
 
-from ecdit_jax.fileio import write_atomic
+from ecdit_jax.fileio import is_url, write_atomic
 
 INFO_FILE = "info.json"
+NULL_CONTEXT_FILE = "null_context.msgpack"
 DONE_SUFFIX = ".done"
 _CHUNK_RE = re.compile(r"^latents-\d{5}-of-\d{5}-\d{5}\.array_record$")
 
@@ -38,10 +42,7 @@ _CHUNK_RE = re.compile(r"^latents-\d{5}-of-\d{5}-\d{5}\.array_record$")
 def chunk_path(directory: str, process_index: int, process_count: int, chunk: int) -> str:
   """The file of chunk ``chunk`` of process ``process_index`` of ``process_count``."""
   name = f"latents-{process_index:05d}-of-{process_count:05d}-{chunk:05d}.array_record"
-  return os.path.join(directory, name)
-
-
-NULL_CONTEXT_FILE = "null_context.msgpack"
+  return str(epath.Path(directory) / name)
 
 
 def encode_record(latent: np.ndarray, caption: str, context: np.ndarray | None = None) -> bytes:
@@ -59,56 +60,69 @@ def decode_record(data: bytes) -> dict[str, Any]:
 def write_chunk(path: str, records: Iterable[bytes]) -> None:
   """Writes serialized records to ``path``, then marks the chunk complete.
 
-  The marker comes after ``close()`` so that a crash at any point leaves no marker.
+  The marker comes after the file is whole so that a crash at any point leaves no marker. The
+  ArrayRecord writer needs a local file: a chunk bound for a bucket is written to a temporary
+  one and copied up.
   """
+  path = epath.Path(path)
+  if chunk_done(path):
+    raise FileExistsError(f"{path} is complete; refusing to overwrite it")
+  if not is_url(path):
+    _write_array_record(path, records)
+  else:
+    with tempfile.TemporaryDirectory(prefix="ecdit_chunk_") as local:
+      local_path = epath.Path(local) / path.name
+      _write_array_record(local_path, records)
+      local_path.copy(path, overwrite=True)
+  epath.Path(f"{path}{DONE_SUFFIX}").write_bytes(b"")
+
+
+def _write_array_record(path: epath.Path, records: Iterable[bytes]) -> None:
   from array_record.python import array_record_module  # native module, loaded on use
 
-  if os.path.exists(path + DONE_SUFFIX):
-    raise FileExistsError(f"{path} is complete; refusing to overwrite it")
-  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
   try:
     for record in records:
       writer.write(record)
   finally:
     writer.close()
-  with open(path + DONE_SUFFIX, "w"):
-    pass
 
 
-def chunk_done(path: str) -> bool:
-  return os.path.exists(path + DONE_SUFFIX)
+def chunk_done(path) -> bool:
+  return epath.Path(f"{path}{DONE_SUFFIX}").exists()
 
 
 def latent_files(directory: str) -> list[str]:
-  """The completed chunk files of ``directory``, sorted by name (process, then chunk)."""
-  paths = glob.glob(os.path.join(glob.escape(directory), "latents-*.array_record"))
-  return sorted(p for p in paths if _CHUNK_RE.match(os.path.basename(p)) and chunk_done(p))
+  """The completed chunk files of ``directory``, sorted by name (process, then chunk): one
+  listing, so a bucket with thousands of chunks is asked once."""
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return []
+  names = {path.name for path in directory.iterdir()}
+  return sorted(str(directory / name) for name in names
+                if _CHUNK_RE.match(name) and name + DONE_SUFFIX in names)
 
 
 def read_info(directory: str) -> dict[str, Any] | None:
-  path = os.path.join(directory, INFO_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = epath.Path(directory) / INFO_FILE
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_info(directory: str, info: dict[str, Any]) -> None:
-  write_atomic(os.path.join(directory, INFO_FILE), json.dumps(info, indent=2, sort_keys=True))
+  write_atomic(epath.Path(directory) / INFO_FILE, json.dumps(info, indent=2, sort_keys=True))
 
 
 def write_null_context(directory: str, context: np.ndarray, length: int) -> None:
   """The empty caption's encoder states (max_len, width) and valid length."""
-  write_atomic(os.path.join(directory, NULL_CONTEXT_FILE), serialization.msgpack_serialize(
+  write_atomic(epath.Path(directory) / NULL_CONTEXT_FILE, serialization.msgpack_serialize(
       {"context": np.asarray(context), "length": int(length)}))
 
 
 def read_null_context(directory: str) -> tuple[np.ndarray, int] | None:
-  path = os.path.join(directory, NULL_CONTEXT_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(directory) / NULL_CONTEXT_FILE
+  if not path.exists():
     return None
-  with open(path, "rb") as f:
-    values = serialization.msgpack_restore(f.read())
+  values = serialization.msgpack_restore(path.read_bytes())
   return np.asarray(values["context"]), int(values["length"])
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Sequence
 
@@ -36,6 +35,7 @@ from ecdit_jax.encoders.safetensors_weights import (
   load_parameters,
   open_checkpoint,
 )
+from ecdit_jax.fileio import read_json
 from ecdit_jax.model.keys import ParamKeys
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -117,8 +117,7 @@ class ClipConfig:
 
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> ClipConfig:
-    with open(path, encoding="utf-8") as f:
-      return cls.from_dict(json.load(f))
+    return cls.from_dict(read_json(path))
 
 
 class ClipAttention(nnx.Module):
@@ -338,8 +337,7 @@ def load_clip_text(model_dir: str | os.PathLike, *,
   Both store the tower's weights under ``text_model.``; nothing of the vision tower is read.
   """
   model_dir = os.fspath(model_dir)
-  with open(config_file(model_dir, "CLIP"), encoding="utf-8") as f:
-    values = json.load(f)
+  values = read_json(config_file(model_dir, "CLIP"))
   config = dataclass_from_mapping(ClipTextConfig, values.get("text_config") or values)
   abstract = nnx.eval_shape(lambda: ClipTextTransformer(config, rngs=ParamKeys(0),
                                                         precision=precision))

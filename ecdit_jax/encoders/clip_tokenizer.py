@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
 import re
 import sys
@@ -33,6 +32,9 @@ import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
+
+from ecdit_jax.fileio import read_json
 
 END_OF_WORD = "</w>"
 DEFAULT_BOS = "<|startoftext|>"
@@ -102,11 +104,6 @@ def _pretokenize_patterns() -> tuple[re.Pattern, re.Pattern]:
   return clip_pattern, byte_level_pattern
 
 
-def _read_json(path: str) -> dict:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
 def _token_content(token) -> str | None:
   """Special tokens appear either as strings or as ``{"content": ...}`` objects."""
   if isinstance(token, dict):
@@ -145,31 +142,29 @@ class ClipTokenizer:
   @classmethod
   def from_dir(cls, path: str | os.PathLike) -> ClipTokenizer:
     """Reads ``vocab.json`` and ``merges.txt`` (and the special tokens if configured)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
+    path = epath.Path(path)
+    if not path.is_dir():
       raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    vocab_file = os.path.join(path, "vocab.json")
-    merges_file = os.path.join(path, "merges.txt")
+    vocab_file, merges_file = path / "vocab.json", path / "merges.txt"
     for required in (vocab_file, merges_file):
-      if not os.path.isfile(required):
+      if not required.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {required}")
-    vocab = _read_json(vocab_file)
+    vocab = read_json(vocab_file)
     merges = []
-    with open(merges_file, encoding="utf-8") as f:
-      for line_number, line in enumerate(f, start=1):
-        line = line.rstrip("\n")
-        if not line or (line_number == 1 and line.startswith("#version")):
-          continue
-        pair = line.split(" ")
-        if len(pair) != 2:
-          raise ValueError(f"{merges_file}:{line_number}: expected two symbols, got {line!r}")
-        merges.append((pair[0], pair[1]))
+    lines = merges_file.read_text(encoding="utf-8").split("\n")
+    for line_number, line in enumerate(lines, start=1):
+      if not line or (line_number == 1 and line.startswith("#version")):
+        continue
+      pair = line.split(" ")
+      if len(pair) != 2:
+        raise ValueError(f"{merges_file}:{line_number}: expected two symbols, got {line!r}")
+      merges.append((pair[0], pair[1]))
 
     settings = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
-      config_file = os.path.join(path, name)
-      if os.path.isfile(config_file):
-        settings.update({k: v for k, v in _read_json(config_file).items() if v is not None})
+      config_file = path / name
+      if config_file.is_file():
+        settings.update({k: v for k, v in read_json(config_file).items() if v is not None})
     special = {name: _token_content(settings.get(name))
                for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     max_length = settings.get("model_max_length", DEFAULT_MAX_LENGTH)

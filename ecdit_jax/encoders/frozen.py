@@ -19,14 +19,13 @@ batch axes, before the train step, so that the step stays a pure function of (st
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
@@ -36,6 +35,7 @@ from ecdit_jax.encoders.clip import load_clip_text
 from ecdit_jax.encoders.clip_tokenizer import load_clip_tokenizer
 from ecdit_jax.encoders.t5 import load_t5_encoder, load_t5_tokenizer
 from ecdit_jax.errors import ConfigError
+from ecdit_jax.fileio import read_json
 from ecdit_jax.model.config import ModelConfig
 from ecdit_jax.parallel import axes
 from ecdit_jax.parallel import mesh as mesh_lib
@@ -174,14 +174,13 @@ def encoder_width(kind: str, weights_dir: str,
                   key: str = "config.pretrained.text_encoder") -> int:
   """The context width of the T5 or CLIP text encoder in ``weights_dir``, from its config.json
   (no weight is read); errors name ``key``, the setting that gave the directory."""
-  if not weights_dir or not os.path.isdir(weights_dir):
+  if not weights_dir or not epath.Path(weights_dir).is_dir():
     raise ConfigError(f"{key}={weights_dir!r} is not a directory")
-  path = os.path.join(weights_dir, "config.json")
-  if not os.path.isfile(path):
+  path = epath.Path(weights_dir) / "config.json"
+  if not path.is_file():
     raise ConfigError(f"{key}={weights_dir}: no config.json there "
                       f"(expected a Hugging Face {kind.upper()} directory)")
-  with open(path, encoding="utf-8") as f:
-    values = json.load(f)
+  values = read_json(path)
   if kind == "t5":
     return int(values.get("d_model", 512))
   return int((values.get("text_config") or values).get("hidden_size", 512))
@@ -327,7 +326,7 @@ def load_frozen_vae(weights_dir: str, dtype: str, model_config: ModelConfig) -> 
   """The VAE of ``weights_dir``; its latent channels must be ``config.model.in_channels``.
 
   Parameters are cast to ``dtype`` and kept on the host until ``placed``."""
-  if not os.path.isdir(weights_dir):
+  if not weights_dir or not epath.Path(weights_dir).is_dir():
     raise ConfigError(f"config.pretrained.vae={weights_dir!r} is not a directory")
   vae = vae_lib.load_vae(weights_dir)
   if vae.config.latent_channels != model_config.in_channels:

@@ -6,7 +6,9 @@ parameter's path in the module tree is its key (``kernel``/``scale``/``embedding
 checks its shape, converts the PyTorch layout and returns the filled module; ``save_parameters``
 is its inverse. ``open_checkpoint`` reads safetensors files one tensor at a time and only from
 the shards that hold wanted keys, so a checkpoint with parts the module does not use (a T5
-decoder, say) is never read whole. PyTorch ``.bin`` files are pickles and are never read:
+decoder, say) is never read whole. Directories may be local or in a bucket (gs://...): files are
+read through ``etils.epath``, a tensor as one ranged read of its bytes, so nothing is copied to
+a local disk first. PyTorch ``.bin`` files are pickles and are never read:
 ``encoders/convert_torch.py`` turns them into safetensors once.
 """
 
@@ -16,15 +18,17 @@ import contextlib
 import dataclasses
 import json
 import os
+import struct
 from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ecdit_jax.errors import ConfigError
+from ecdit_jax.fileio import read_json
 
 _STORED_AS_WEIGHT = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
@@ -36,15 +40,16 @@ def dataclass_from_mapping(cls, values: dict):
   return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def config_file(model_dir: str | os.PathLike, kind: str) -> str:
+def config_file(model_dir: str | os.PathLike, kind: str) -> epath.Path:
   """``model_dir/config.json``; a missing directory or file raises, naming it."""
-  model_dir = os.fspath(model_dir)
-  if not os.path.isdir(model_dir):
+  model_dir = epath.Path(model_dir)
+  if not model_dir.is_dir():
     raise FileNotFoundError(f"{kind} model directory not found: {model_dir}")
-  path = os.path.join(model_dir, "config.json")
-  if not os.path.isfile(path):
+  path = model_dir / "config.json"
+  if not path.is_file():
     raise FileNotFoundError(f"{kind} config not found: {path}")
   return path
+
 
 
 def checkpoint_key(path: Sequence) -> str:
@@ -72,12 +77,12 @@ def _weight_files(names: Sequence[str]) -> str:
 
 def _locate(model_dir: str, names: Sequence[str]) -> tuple[str, bool] | None:
   """(path, is_index) of the first of ``names`` present as a file or as ``<name>.index.json``."""
+  present = {path.name for path in epath.Path(model_dir).iterdir()}
   for name in names:
-    single, index = os.path.join(model_dir, name), os.path.join(model_dir, name + ".index.json")
-    if os.path.isfile(single):
-      return single, False
-    if os.path.isfile(index):
-      return index, True
+    if name in present:
+      return str(epath.Path(model_dir) / name), False
+    if name + ".index.json" in present:
+      return str(epath.Path(model_dir) / (name + ".index.json")), True
   return None
 
 
@@ -96,9 +101,9 @@ class CheckpointReader:
       raise FileNotFoundError(f"no {_weight_files(names)} in {model_dir}")
     self.listing, is_index = found
     if is_index:
-      with open(self.listing, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
-      self._file_of = {key: os.path.join(model_dir, shard) for key, shard in weight_map.items()}
+      weight_map = read_json(self.listing)["weight_map"]
+      self._file_of = {key: str(epath.Path(model_dir) / shard)
+                       for key, shard in weight_map.items()}
     else:
       self._file_of = dict.fromkeys(self._keys_of_single_file(self.listing), self.listing)
 
@@ -129,8 +134,46 @@ class CheckpointReader:
 
 
 def _shard_must_exist(file: str):
-  if not os.path.isfile(file):
+  if not epath.Path(file).is_file():
     raise FileNotFoundError(f"checkpoint shard not found: {file}")
+
+
+# The safetensors dtype names, little-endian as the format stores them.
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": jnp.bfloat16, "I64": "<i8",
+           "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+class SafetensorsFile:
+  """One safetensors file, local or in a bucket: its header read once, then each tensor with
+  one ranged read. The format: an 8-byte little-endian header size, a JSON header giving each
+  tensor's dtype, shape and byte range, then the bytes."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = epath.Path(path)
+    self._file = self.path.open("rb")
+    try:
+      (size,) = struct.unpack("<Q", self._file.read(8))
+      header = json.loads(self._file.read(size))
+    except (struct.error, ValueError) as e:
+      self._file.close()
+      raise ValueError(f"{self.path} is not a safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    self._entries, self._start = header, 8 + size
+
+  def keys(self):
+    return self._entries.keys()
+
+  def get_tensor(self, key: str) -> np.ndarray:
+    entry = self._entries[key]
+    begin, end = entry["data_offsets"]
+    if entry["dtype"] not in _DTYPES:
+      raise ValueError(f"{key} in {self.path} has dtype {entry['dtype']}, which is not read")
+    self._file.seek(self._start + begin)
+    data = self._file.read(end - begin)
+    return np.frombuffer(data, np.dtype(_DTYPES[entry["dtype"]])).reshape(entry["shape"])
+
+  def close(self):
+    self._file.close()
 
 
 class SafetensorsReader(CheckpointReader):
@@ -152,7 +195,7 @@ class SafetensorsReader(CheckpointReader):
   def _open(self, file: str):
     if file not in self._handles:
       _shard_must_exist(file)
-      handle = self._stack.enter_context(safe_open(file, framework="np"))
+      handle = self._stack.enter_context(contextlib.closing(SafetensorsFile(file)))
       self._handles[file] = handle, set(handle.keys())
     return self._handles[file]
 
@@ -182,7 +225,7 @@ def open_checkpoint(model_dir: str | os.PathLike,
   found = _locate(model_dir, bin_names)
   if found:
     raise ConfigError(
-        f"{model_dir} holds PyTorch weights ({os.path.basename(found[0])}), which are pickles "
+        f"{model_dir} holds PyTorch weights ({epath.Path(found[0]).name}), which are pickles "
         f"and are not read at run time; convert them once to safetensors with "
         f"`python -m ecdit_jax.encoders.convert_torch {model_dir}` (needs torch)")
   names = (*safetensors_names, *bin_names)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 
@@ -43,6 +42,7 @@ from ecdit_jax.encoders.safetensors_weights import (
   load_parameters,
   open_checkpoint,
 )
+from ecdit_jax.fileio import read_json
 from ecdit_jax.model.keys import ParamKeys
 
 ACTIVATIONS = {
@@ -108,8 +108,7 @@ class T5Config:
 
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> T5Config:
-    with open(path, encoding="utf-8") as f:
-      return cls.from_dict(json.load(f))
+    return cls.from_dict(read_json(path))
 
 
 def relative_position_buckets(query_length: int, key_length: int, num_buckets: int,

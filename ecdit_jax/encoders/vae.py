@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 
@@ -31,6 +30,7 @@ from ecdit_jax.encoders.safetensors_weights import (
   open_checkpoint,
 )
 from ecdit_jax.encoders.vae_blocks import Decoder, Encoder, conv
+from ecdit_jax.fileio import read_json
 from ecdit_jax.model.keys import ParamKeys
 
 # diffusers clips the log-variance to this range before using it.
@@ -108,8 +108,7 @@ class AutoencoderKLConfig:
 
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> AutoencoderKLConfig:
-    with open(path, encoding="utf-8") as f:
-      return cls.from_dict(json.load(f))
+    return cls.from_dict(read_json(path))
 
 
 class AutoencoderKL(nnx.Module):

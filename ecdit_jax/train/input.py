@@ -19,7 +19,7 @@ from ecdit_jax.config import TrainConfig
 from ecdit_jax.data import latents, memory_cache, pipeline
 from ecdit_jax.data import tokenizer as tokenizer_lib
 from ecdit_jax.errors import ConfigError
-from ecdit_jax.fileio import write_atomic
+from ecdit_jax.fileio import absolute, write_atomic
 from ecdit_jax.inference.run import TOKENIZER_FILE
 from ecdit_jax.model.config import ModelConfig
 from ecdit_jax.train.metrics import log_line
@@ -51,9 +51,9 @@ def _cache_name(cfg: TrainConfig) -> str:
   directory = cfg.data.latent_dir
   if directory is None:
     return cfg.data.dataset
-  path = os.path.abspath(directory)
+  path = absolute(directory)
   digest = hashlib.sha256(path.encode("utf-8")).hexdigest()[:12]
-  return f"latents_{os.path.basename(path.rstrip(os.sep)) or 'root'}_{digest}"
+  return f"latents_{path.rstrip('/').rsplit('/', 1)[-1] or 'root'}_{digest}"
 
 
 def check_latent_shape(cfg: TrainConfig, source) -> None:

@@ -15,6 +15,8 @@ from absl import logging
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from ecdit_jax.fileio import files_under
+
 
 def name_moe_layers(moe_metrics: Mapping[str, Any], layer_indices) -> dict[str, Any]:
   """Splits stacked per-MoE-layer statistics into "block_XX/stat" scalars."""
@@ -54,11 +56,10 @@ class MetricWriter:
     if self._remote is None:
       return
     self._tb.flush()
-    for path in epath.Path(self._local).glob("**/*"):
-      if path.is_file():
-        target = self._remote / path.relative_to(self._local)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        path.copy(target, overwrite=True)
+    for path in files_under(self._local):
+      target = self._remote / path.relative_to(self._local)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      path.copy(target, overwrite=True)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from ecdit_jax.config import TrainConfig
-from ecdit_jax.data import geneval_folder
 from ecdit_jax.data import latents as latent_format
 from ecdit_jax.encoders import frozen, random_init
 from ecdit_jax.errors import ConfigError
@@ -30,7 +29,8 @@ WIDTH, MAX_LEN, IMAGE_SIZE = 32, 12, 32  # the random VAE halves images: 16x16x4
 def inputs(tmp_path_factory):
   root = tmp_path_factory.mktemp("cached")
   images = root / "images"
-  geneval_folder.write_folder(str(images), count=10, image_size=IMAGE_SIZE, seed=0)
+  run_ok(["ecdit_jax.data.geneval_folder", f"--out={images}", "--count=10",
+          f"--image_size={IMAGE_SIZE}"])
   t5_dir, vae_dir = random_init.write_random_models(root / "weights")
   clip_dir = root / "weights" / "clip"
   clip_dir.mkdir()
