@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,3 +34,30 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def start_pod(args, processes: int, devices_each: int) -> list[subprocess.Popen]:
+  """``python -m args...`` in ``processes`` processes of ``devices_each`` CPU devices, joined
+  through a coordinator on 127.0.0.1: a pod's workers, on this machine."""
+  port = free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+  return [start([*args, f"--coordinator_address=127.0.0.1:{port}",
+                 f"--num_processes={processes}", f"--process_id={i}"], env=env)
+          for i in range(processes)]
+
+
+def finish(procs, timeout: float) -> list[str]:
+  """Every process's stdout once all have exited 0 within ``timeout`` seconds (killed if not)."""
+  deadline = time.time() + timeout
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=max(deadline - time.time(), 1)))
+  finally:
+    for proc in procs:  # a hang must not outlive the test
+      if proc.poll() is None:
+        proc.kill()
+  for proc, (_, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-3000:]
+  return [out for out, _ in outputs]

@@ -26,36 +26,12 @@ from ecdit_jax.train import input as input_lib
 from ecdit_jax.train.optimizer import make_optimizer
 from ecdit_jax.train.state import create_train_state
 from ecdit_jax.train.step import make_train_step
-from tests.commands import free_port, start
+from tests.commands import finish, start_pod
 from tests.tiny import tiny_train_config, tiny_train_flags
 
 pytestmark = pytest.mark.slow
 
 STOP_WITHIN_S = 60
-
-
-def _start_pod(args, processes, devices_each):
-  port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
-  return [start([*args, f"--coordinator_address=127.0.0.1:{port}",
-                 f"--num_processes={processes}", f"--process_id={i}"], env=env)
-          for i in range(processes)]
-
-
-def _finish(procs, timeout):
-  deadline = time.time() + timeout
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=max(deadline - time.time(), 1)))
-  finally:
-    for proc in procs:  # a hang must not outlive the test
-      if proc.poll() is None:
-        proc.kill()
-  for proc, (_, err) in zip(procs, outputs):
-    assert proc.returncode == 0, err[-3000:]
-  return [out for out, _ in outputs]
 
 
 def _train_args(workdir, data_dir, **overrides):
@@ -93,7 +69,7 @@ def _uninterrupted_losses(workdir, data_dir, num_steps):
 def pod_run(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pod") / "run")
   # 4 processes x 2 devices: data 2 x fsdp 2 x expert 2, training until told to stop.
-  pod = _start_pod(_train_args(workdir, data_dir, num_train_steps=100_000,
+  pod = start_pod(_train_args(workdir, data_dir, num_train_steps=100_000,
                                **{"mesh.fsdp": 2, "mesh.expert": 2}), 4, 2)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 400
@@ -103,7 +79,7 @@ def pod_run(data_dir, tmp_path_factory):
     time.sleep(0.2)
   pod[2].send_signal(signal.SIGTERM)  # one worker of four is preempted
   stopped_at = time.time()
-  outputs = _finish(pod, STOP_WITHIN_S)
+  outputs = finish(pod, STOP_WITHIN_S)
   stop_seconds = time.time() - stopped_at
   return workdir, outputs, stop_seconds
 
@@ -124,7 +100,7 @@ def test_the_run_resumes_on_two_processes_with_the_uninterrupted_losses(pod_run,
   workdir, _, _ = pod_run
   stopped = Checkpointer(workdir).latest_step()
   # 2 processes x 4 devices, another mesh (data 2 x expert 4), the same global batch.
-  outputs = _finish(_start_pod(_train_args(workdir, data_dir, num_train_steps=stopped + 3,
+  outputs = finish(start_pod(_train_args(workdir, data_dir, num_train_steps=stopped + 3,
                                            **{"mesh.expert": 4}), 2, 4), 400)
   assert f"resumed from step {stopped}" in outputs[0]
   logged = _logged_losses(workdir)
@@ -137,12 +113,12 @@ def test_the_run_resumes_on_two_processes_with_the_uninterrupted_losses(pod_run,
 def test_two_processes_export_and_sample_in_shards(pod_run, tmp_path):
   workdir, _, _ = pod_run
   exported = str(tmp_path / "export")
-  _finish(_start_pod(["ecdit_jax.export", f"--workdir={workdir}", f"--out={exported}"], 2, 4),
+  finish(start_pod(["ecdit_jax.export", f"--workdir={workdir}", f"--out={exported}"], 2, 4),
           300)
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a red circle\ntwo squares\n")
   outdir = tmp_path / "samples"
-  outputs = _finish(_start_pod(["ecdit_jax.sample", f"--workdir={exported}",
+  outputs = finish(start_pod(["ecdit_jax.sample", f"--workdir={exported}",
                                 f"--prompts={prompts}", f"--outdir={outdir}", "--steps=3",
                                 "--mesh=expert=2,fsdp=2"], 2, 4), 300)
   assert "wrote 2 images" in outputs[0]
