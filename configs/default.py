@@ -2,7 +2,8 @@ r"""The embedded default: a tiny EC-DiT (8 experts) trained on GenEval-Shapes, 3
 
 Sized to learn visibly within minutes on a 2-core CPU; the same code scales to the paper's
 models (configs/ecdit.py). Every other key keeps the default documented in ecdit_jax/config.py
-(training) and ecdit_jax/model/config.py (the model). Run it with:
+(training) and ecdit_jax/model/config.py (the model); the tiny model is
+ecdit_jax.config.default_run_config. Run it with:
 
   python -m ecdit_jax.main --config=configs/default.py --workdir=workdirs/default
 
@@ -11,18 +12,12 @@ Any key can be overridden on the command line, e.g. ``--config.batch_size=64``.
 
 import ml_collections
 
-from ecdit_jax.config import config_dict
+from ecdit_jax.config import default_run_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = config_dict()
-  # 64 tokens of 4x4 pixels and a small text encoder: learns within minutes on a CPU (the paper
-  # uses patch 2 on latents). float32: bfloat16 is slower than float32 on most CPUs.
-  config.model.update(image_size=32, in_channels=3, patch_size=4, hidden_size=128, num_layers=6,
-                      num_heads=4, num_kv_heads=2, text_vocab_size=128, text_max_len=16,
-                      text_hidden_size=128, text_num_layers=2, text_num_heads=4,
-                      dtype="float32")
-  return config
+  # Defined in the package, so that an installed ecdit_jax (the Colab notebook) has it too.
+  return default_run_config()
 
 
 def runlocal_schedule(config: ml_collections.ConfigDict) -> None:

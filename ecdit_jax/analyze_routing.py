@@ -50,13 +50,6 @@ def _default_prompts(n):
   return [p.caption for p in prompts][:n]
 
 
-def _heat(values, vmax):
-  """(g, g) floats -> (g, g, 3) uint8, black -> red -> yellow as values rise to vmax."""
-  x = np.clip(values / max(vmax, 1e-9), 0, 1)
-  return (np.stack([np.minimum(2 * x, 1), np.clip(2 * x - 1, 0, 1), np.zeros_like(x)], -1)
-          * 255).astype(np.uint8)
-
-
 _SERIES_COLOURS = {"object": (200, 60, 40), "background": (90, 90, 90)}
 
 
@@ -80,21 +73,6 @@ def _bar_chart(rows, labels, title, path):
       draw.rectangle([x0, height - pad - bar, x0 + 16, height - pad], fill=colour)
     draw.text((pad + group * i, height - pad + 4), label, fill=(0, 0, 0))
   canvas.save(path)
-
-
-def _write_heatmaps(images, maps, outdir: str, side_min: int) -> None:
-  """Per image: the sample, its map of experts per token, and the map laid over the sample."""
-  os.makedirs(outdir)
-  vmax = float(maps.max())
-  for i, (image, token_map) in enumerate(zip(images, maps)):
-    side = max(image.shape[0], side_min)
-    left = Image.fromarray(image).resize((side, side), Image.NEAREST)
-    right = Image.fromarray(_heat(token_map, vmax)).resize((side, side), Image.NEAREST)
-    panels = Image.new("RGB", (3 * side, side))
-    panels.paste(left, (0, 0))
-    panels.paste(right, (side, 0))
-    panels.paste(Image.blend(left.convert("RGB"), right, 0.5), (2 * side, 0))
-    panels.save(os.path.join(outdir, f"{i:05d}.png"))
 
 
 def _write_charts(result: dict, outdir: str) -> None:
@@ -142,7 +120,7 @@ def main(argv):
   pixel_patch = mc.patch_size * (run.vae.downsample_factor if run.vae is not None else 1)
   mask = routing.object_token_mask(images, pixel_patch)
   images_lib.write_pngs(images, os.path.join(FLAGS.outdir, "images"))
-  _write_heatmaps(images, routing.token_maps(counts, mc.grid_size),
+  routing.write_heatmaps(images, routing.token_maps(counts, mc.grid_size),
                   os.path.join(FLAGS.outdir, "heatmaps"), mc.image_size * SCALE)
   np.save(os.path.join(FLAGS.outdir, "counts.npy"), counts)
   result = routing.summary(counts, mask, np.asarray(sampling_timesteps(steps)),

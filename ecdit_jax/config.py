@@ -418,6 +418,19 @@ def config_dict(defaults: TrainConfig | None = None) -> ml_collections.ConfigDic
   return _as_config_dict(TrainConfig() if defaults is None else defaults)
 
 
+def default_run_config() -> ml_collections.ConfigDict:
+  """The embedded default run (``configs/default.py``, the Colab notebook): the defaults with a
+  tiny EC-DiT (8 experts) on 32x32 GenEval-Shapes images, sized to learn visibly within
+  minutes on a 2-core CPU. 64 tokens of 4x4 pixels and a small text encoder (the paper uses
+  patch 2 on latents); float32, since bfloat16 is slower than float32 on most CPUs."""
+  config = config_dict()
+  config.model.update(image_size=32, in_channels=3, patch_size=4, hidden_size=128, num_layers=6,
+                      num_heads=4, num_kv_heads=2, text_vocab_size=128, text_max_len=16,
+                      text_hidden_size=128, text_num_layers=2, text_num_heads=4,
+                      dtype="float32")
+  return config
+
+
 def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
   """A run's saved config with the keys that later versions added, at the defaults that
   reproduce what the version that wrote it did (every key added so far defaults to the old

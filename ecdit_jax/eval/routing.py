@@ -11,6 +11,8 @@ more).
 from __future__ import annotations
 
 import numpy as np
+from etils import epath
+from PIL import Image
 
 from ecdit_jax.eval import geneval_shapes as scorer
 
@@ -68,3 +70,34 @@ def summary(counts: np.ndarray, object_mask: np.ndarray, times: np.ndarray,
       "object_token_fraction": float(object_mask.mean()),
       "object_over_background_compute": object_background_ratio(counts, object_mask),
   }
+
+
+def _heat(values: np.ndarray, vmax: float) -> np.ndarray:
+  """(g, g) floats -> (g, g, 3) uint8, black -> red -> yellow as values rise to vmax."""
+  x = np.clip(values / max(vmax, 1e-9), 0, 1)
+  return (np.stack([np.minimum(2 * x, 1), np.clip(2 * x - 1, 0, 1), np.zeros_like(x)], -1)
+          * 255).astype(np.uint8)
+
+
+def heatmap_panels(image: np.ndarray, token_map: np.ndarray, vmax: float,
+                   side_min: int) -> Image.Image:
+  """Side by side: the uint8 sample, its (g, g) map of experts per token (black -> red ->
+  yellow up to ``vmax``) and the map laid over the sample, each at least ``side_min`` wide."""
+  side = max(image.shape[0], side_min)
+  left = Image.fromarray(image).resize((side, side), Image.NEAREST)
+  right = Image.fromarray(_heat(token_map, vmax)).resize((side, side), Image.NEAREST)
+  panels = Image.new("RGB", (3 * side, side))
+  panels.paste(left, (0, 0))
+  panels.paste(right, (side, 0))
+  panels.paste(Image.blend(left.convert("RGB"), right, 0.5), (2 * side, 0))
+  return panels
+
+
+def write_heatmaps(images: np.ndarray, maps: np.ndarray, outdir, side_min: int) -> None:
+  """OUTDIR/NNNNN.png: ``heatmap_panels`` of each image, on one colour scale (the maps' max)."""
+  outdir = epath.Path(outdir)
+  outdir.mkdir(parents=True, exist_ok=True)
+  vmax = float(maps.max())
+  for i, (image, token_map) in enumerate(zip(images, maps)):
+    with (outdir / f"{i:05d}.png").open("wb") as f:
+      heatmap_panels(image, token_map, vmax, side_min).save(f, format="PNG")
