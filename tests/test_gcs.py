@@ -7,6 +7,9 @@ client inside ArrayRecord for latent chunks, and tensorstore for Orbax's checkpo
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -124,3 +127,30 @@ def test_a_run_on_a_bucket_trains_resumes_and_samples(gcs_bucket, tmp_path):
   run_ok(["ecdit_jax.sample", f"--workdir={workdir}", f"--prompts={prompts}",
           f"--outdir={outdir}", "--steps=2"])
   assert [p.name for p in outdir.iterdir()] == ["00000.png"]
+
+
+def test_the_compilation_cache_in_a_bucket_is_written_and_reused(gcs_bucket, tmp_path):
+  """What tpu_pod.sh sets on every worker: JAX_COMPILATION_CACHE_DIR=gs://..., so a restarted
+  run finds its executables there instead of compiling again."""
+  cache = f"{gcs_bucket}/compilation_cache"
+  script = tmp_path / "compile.py"
+  script.write_text(
+      "import jax, jax.numpy as jnp\n"
+      "events = []\n"
+      "jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))\n"
+      "f = jax.jit(lambda x: jnp.sin(x) @ x.T + 1)\n"
+      "f(jnp.ones((64, 64))).block_until_ready()\n"
+      "print('cache hits', sum('cache_hits' in name for name in events))\n")
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  first = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=300, check=True)
+  entries = list(epath.Path(cache).iterdir())
+  assert entries, first.stderr[-2000:]
+  second = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=300, check=True)
+  assert "cache hits 0" in first.stdout, first.stdout
+  hits = int(second.stdout.split("cache hits")[-1])
+  assert hits > 0, second.stdout + second.stderr[-2000:]
+  assert sorted(entries) == sorted(epath.Path(cache).iterdir())  # nothing compiled anew
