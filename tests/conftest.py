@@ -1,13 +1,25 @@
 """Test-session setup: 8 simulated CPU devices so meshes and shard_map run without accelerators,
 and every GCS client pointed at a local emulator (tests/gcs.py)."""
 
+import atexit
 import os
+import shutil
+import tempfile
+
+from tests import commands  # noqa: E402  (imports no jax)
 
 # Must be set before jax initialises its backends.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  os.environ["XLA_FLAGS"] = commands.xla_flags(8, _flags)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the session and every process it starts: the command-line
+# tests compile the same tiny models again and again, each in a fresh process.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="ecdit_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 
 from tests import gcs  # noqa: E402  (after the environment above)
 

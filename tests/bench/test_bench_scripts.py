@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.commands import xla_flags
+
 pytestmark = pytest.mark.slow  # trains, or runs the tools: CI runs it, the fast lane skips it
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -16,7 +18,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 def _run(script, tmp_path, *flags):
   out = tmp_path / "record.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))  # one CPU device
   subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--smoke",
                   f"--out={out}", *flags], check=True, env=env, cwd=ROOT, timeout=600)
   with open(out) as f:

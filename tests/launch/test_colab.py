@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests.commands import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(ROOT, "launch")
 NOTEBOOK = os.path.join(LAUNCH, "colab_tpu.ipynb")
@@ -162,11 +164,8 @@ def test_notebook_trains_on_cpu(num_devices, data_dir, tmp_path):
     assert f"\n{name} = " in "\n" + cell.source, f"{name} is not a parameter of the notebook"
   # As papermill does: the injected values come after the defaults and win.
   cell.source += "\n# injected by the test\n" + "".join(f"{k} = {v!r}\n" for k, v in params.items())
-  xla_flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
-               if "xla_force_host_platform_device_count" not in flag]
-  if num_devices > 1:
-    xla_flags.append(f"--xla_force_host_platform_device_count={num_devices}")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(xla_flags)}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": xla_flags(num_devices, os.environ.get("XLA_FLAGS", ""))}
   client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": LAUNCH}})
   client.execute(env=env)  # raises if a cell fails

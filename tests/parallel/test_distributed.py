@@ -12,7 +12,7 @@ import pytest
 
 from ecdit_jax.errors import ConfigError
 from ecdit_jax.parallel import distributed
-from tests.commands import free_port, start
+from tests.commands import free_port, start, xla_flags
 
 # What a process runs: JAX marks a host with TPU chips as a Cloud TPU VM and, without chips,
 # skips the metadata server; both are undone here so that the fake one is read.
@@ -64,7 +64,7 @@ def test_a_cloud_tpu_vm_slice_is_joined_from_its_metadata():
     for server in servers:
       env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_PORT=str(port),
                  GCE_METADATA_IP=f"127.0.0.1:{server.server_address[1]}",
-                 XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                 XLA_FLAGS=xla_flags(2))
       procs.append(start(["-c", PROCESS], env=env, module=False))
     results = []
     for proc in procs:

@@ -168,8 +168,10 @@ def test_expert_parallel_layer_pads_groups_that_do_not_divide(method):
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   w_in = lambda g: g["dit"]["blocks"][1]["ffn"]["experts"]["w_in"]
   assert float(jnp.abs(w_in(expected_grads)).max()) > 0
+  # Gradients reach 30 in size: float32 sums of such terms differ by order 1e-6 with the order
+  # of summation, so near-zero entries are compared to an absolute 1e-5.
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
 
 
 def test_config_errors_name_the_mesh_key():
