@@ -1,7 +1,8 @@
 """What every command-line tool shares: joining the job's other processes, one-line errors.
 
 ``run(main)`` wraps ``absl.app.run``: a ``ConfigError`` (a setting, flag or input that cannot
-work) prints as ``error: MESSAGE`` on stderr and exits with status 1, without a traceback.
+work) prints as ``error: MESSAGE`` on stderr and exits with status 2 (a usage error), without
+a traceback.
 Every tool takes ``--coordinator_address --num_processes --process_id`` and joins the job
 (``parallel.distributed``) before JAX starts, so each runs on a pod's or cluster's devices.
 """
@@ -75,22 +76,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError, OSError, TypeError, ValueError) as error:
     message = _flag_error(error, argv)
   print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(1)
+  sys.exit(2)
 
 
 def run(main, *, positional: bool = False) -> None:
-  """``absl.app.run(main)``, with ConfigErrors as one line on stderr and exit status 1.
+  """``absl.app.run(main)``, with ConfigErrors as one line on stderr and exit status 2.
   Without ``positional``, arguments other than flags are a usage error."""
 
   def wrapped(argv):
     if len(argv) > 1 and not positional:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=2)
     # The tools print what a user needs to see; libraries' notices (TFDS, OpenCV) stay quiet.
     logging.set_verbosity(logging.ERROR)
     try:
       return main(argv)
     except ConfigError as error:
       print(f"error: {error}", file=sys.stderr, flush=True)
-      sys.exit(1)
+      sys.exit(2)
 
   app.run(wrapped, flags_parser=_parse_flags)

@@ -1,5 +1,5 @@
 """Mistakes a user makes on the command line end in one line on stderr that names the flag or
-key to fix, with exit status 1, and leave nothing behind."""
+key to fix, with exit status 2, and leave nothing behind."""
 
 import os
 
@@ -48,7 +48,7 @@ def test_mistakes_give_one_line_naming_what_to_fix(name, full, tmp_path, data_di
   args += [f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"] if args[0].endswith(
       "main") else [f"--workdir={workdir}"]
   result = run(args)
-  assert result.returncode == 1, result.stderr[-2000:]
+  assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
   assert expected in lines[0]
