@@ -74,6 +74,8 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_batch: int) -> 
                       help="override the expert-choice capacity factor (training and eval)")
   parser.add_argument("--attention_impl", choices=("auto", "xla", "cudnn"), default=None,
                       help="override config.model.attention_impl")
+  parser.add_argument("--norm_impl", choices=("xla", "pallas"), default=None,
+                      help="adaLN norm + modulate: XLA ops or the fused Pallas kernels")
   parser.add_argument("--remat", choices=("none", "block", "dots"), default=None,
                       help="override config.model.remat (recompute blocks in the backward)")
   parser.add_argument("--moe_dispatch", choices=("gather", "einsum", "hybrid"), default=None,
@@ -129,6 +131,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
   overrides = {"num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads,
                "num_experts": args.num_experts, "attention_impl": args.attention_impl,
                "remat": args.remat, "moe_dispatch": args.moe_dispatch,
+               "norm_impl": args.norm_impl,
                "capacity_factor": args.capacity_factor,
                "eval_capacity_factor": args.capacity_factor,
                "scan_layers": None if args.scan_layers is None else args.scan_layers == "true"}
@@ -165,6 +168,8 @@ def config_name(args: argparse.Namespace, model_config) -> str:
     name += f"-{args.moe_dispatch}"
   if model_config.scan_layers:
     name += "-scan"
+  if model_config.norm_impl != "xla":
+    name += f"-{model_config.norm_impl}norm"
   return f"{name}(smoke)" if args.smoke else name
 
 

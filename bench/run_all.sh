@@ -3,7 +3,9 @@
 # by gather, by one-hot einsums, and by the hybrid of the two) and of the dense XL model on one
 # device, the hybrid EC and dense steps again with the momentum trace in bfloat16, the hybrid
 # EC step with blocks recomputed, unrolled and as a scan over layers (compile time), sampling
-# EC-XL-8E (each dispatch method) against its FLOP-matched dense model on one device, and,
+# EC-XL-8E (each dispatch method) against its FLOP-matched dense model on one device, the
+# scanned EC step with adaLN's norm by XLA and by the fused Pallas kernels, the paper's recipe
+# lever by lever (bench/recipe.sh), and,
 # where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split over
 # an expert axis, then parameters over an fsdp axis). Run from anywhere:
 #
@@ -56,7 +58,8 @@ ONE=(--num_devices=1 --mesh=data=1)
 profile() { [ -n "${PROFILE:-}" ] && echo "--profile_dir=$OUT/profile_$1"; }
 for name in step_ec_xl_8e step_ec_xl_8e_einsum step_ec_xl_8e_hybrid step_dense_xl \
     step_ec_xl_8e_hybrid_bf16m step_dense_xl_bf16m step_ec_xl_8e_hybrid_bf16m_block \
-    step_ec_xl_8e_hybrid_bf16m_block_scan; do
+    step_ec_xl_8e_hybrid_bf16m_block_scan step_ec_xl_8e_hybrid_bf16m_scan \
+    step_ec_xl_8e_hybrid_bf16m_scan_pallasnorm; do
   case "$name" in
     step_ec_xl_8e) flags=(--model=ec) ;;
     step_ec_xl_8e_einsum) flags=(--model=ec --moe_dispatch=einsum) ;;
@@ -67,6 +70,10 @@ for name in step_ec_xl_8e step_ec_xl_8e_einsum step_ec_xl_8e_hybrid step_dense_x
         --momentum_dtype=bfloat16 --remat=block) ;;
     step_ec_xl_8e_hybrid_bf16m_block_scan) flags=(--model=ec --moe_dispatch=hybrid
         --momentum_dtype=bfloat16 --remat=block --scan_layers=true) ;;
+    step_ec_xl_8e_hybrid_bf16m_scan) flags=(--model=ec --moe_dispatch=hybrid
+        --momentum_dtype=bfloat16 --scan_layers=true) ;;
+    step_ec_xl_8e_hybrid_bf16m_scan_pallasnorm) flags=(--model=ec --moe_dispatch=hybrid
+        --momentum_dtype=bfloat16 --scan_layers=true --norm_impl=pallas) ;;
     *) flags=(--model=dense) ;;
   esac
   # shellcheck disable=SC2046  # profile prints one flag or nothing
@@ -81,6 +88,11 @@ for dispatch in einsum hybrid; do
   run "$name" bench/sample.py --model=ec --moe_dispatch="$dispatch" \
     --batch_size="$SAMPLE_BATCH" --num_steps="$SAMPLE_STEPS" $(profile "$name")
 done
+
+# The paper's recipe (EC-XL-32E, mask 0.5, batch 4096 accumulated) by remat and micro-batch.
+if ! EXTRA_ARGS="${EXTRA_ARGS:-}" PYTHON="$PYTHON" bash bench/recipe.sh "$OUT"; then
+  FAILED+=(recipe)
+fi
 
 if ((DEVICES >= 2)); then
   for mesh in $MESHES_2; do

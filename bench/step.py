@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 
 import common  # also puts the repository root on sys.path
@@ -76,6 +77,8 @@ def parse_args(argv):
                            "name ends in .gz), to read what a profile's fusions compute")
   args = parser.parse_args(argv)
   common.apply_smoke(args, calls_flag="steps")
+  if args.smoke:  # the smoke batch is tiny: accumulate over as many micro-batches as it has
+    args.grad_accum_steps = math.gcd(args.grad_accum_steps, args.batch_size)
   if args.smoke and args.steps_per_call > 1:
     args.steps = args.steps_per_call  # one call
   if args.steps_per_call < 1 or args.steps % args.steps_per_call:

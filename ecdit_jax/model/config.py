@@ -21,6 +21,10 @@ MOE_LAYOUTS = ("every_other", "every", "none")
 MOE_DISPATCH = ("gather", "einsum", "hybrid")
 REMAT_POLICIES = ("none", "block", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# adaLN's LayerNorm + modulate: XLA ops, or the fused Pallas kernels of model/fused_norm.py
+# (Triton on GPUs, Mosaic on TPUs); "pallas_interpret" runs those kernels in the Pallas
+# interpreter (any backend, slowly: for checking them on a CPU).
+NORM_IMPLS = ("xla", "pallas", "pallas_interpret")
 # "scratch": the small transformer of model/text.py, trained with the DiT. "t5" / "clip": a
 # frozen pretrained encoder outside the model (train/text_conditioning.py); the DiT then gets its
 # last hidden states as the context and has no text parameters of its own.
@@ -28,7 +32,8 @@ TEXT_ENCODERS = ("scratch", "t5", "clip")
 # Keys that change how the parameters are used, not which parameters there are or what they
 # mean: a run may resume with new values (e.g. block remat to fit a smaller card). Changing
 # any other key refuses the resume (train/checkpoint.check_same_model).
-COMPUTE_ONLY_KEYS = ("attention_impl", "eval_capacity_factor", "moe_dispatch", "remat")
+COMPUTE_ONLY_KEYS = ("attention_impl", "eval_capacity_factor", "moe_dispatch", "norm_impl",
+                     "remat")
 # Keys that shape only the scratch text encoder: a model with a frozen pretrained one ignores them.
 SCRATCH_TEXT_KEYS = ("text_vocab_size", "text_num_layers", "text_num_heads")
 
@@ -80,6 +85,7 @@ class ModelConfig:
   dtype: str = "bfloat16"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"
   attention_impl: str = "auto"  # auto: cuDNN flash attention on GPU, XLA elsewhere
+  norm_impl: str = "xla"  # adaLN's norm + modulate: "xla", "pallas" (fused kernels), ...
   # Rematerialisation of each DiT block in the backward pass: "none"; "block" (keep only the
   # block inputs: least memory); "dots" (keep matmul outputs, recompute the elementwise work).
   remat: str = "none"
@@ -227,6 +233,8 @@ def _validate(c: ModelConfig) -> None:
          f"config.model.remat={c.remat!r} must be one of {REMAT_POLICIES}")
   _check(c.attention_impl in ATTENTION_IMPLS,
          f"config.model.attention_impl={c.attention_impl!r} must be one of {ATTENTION_IMPLS}")
+  _check(c.norm_impl in NORM_IMPLS,
+         f"config.model.norm_impl={c.norm_impl!r} must be one of {NORM_IMPLS}")
   for key in ("dtype", "param_dtype"):
     value = getattr(c, key)
     try:

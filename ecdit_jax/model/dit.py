@@ -37,7 +37,7 @@ class DiTBlock(nnx.Module):
     common = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
     self.is_moe = config.is_moe_layer(layer_index)
     self.modulation = layers.AdaLNModulation(d, 6, **common)
-    self.norm1 = layers.layer_norm(d, **common)
+    self.norm1 = layers.AdaLNNorm(d, config.norm_impl, mesh=mesh, **common)
     self.self_attn = Attention(d, config.num_heads, config.kv_heads, qk_norm=config.qk_norm,
                                attention_impl=config.attention_impl, mesh=mesh, **common)
     self.norm_cross = layers.layer_norm(d, affine=True, **common)
@@ -45,15 +45,15 @@ class DiTBlock(nnx.Module):
     self.cross_attn = Attention(d, config.num_heads, config.kv_heads, qk_norm=config.qk_norm,
                                 context_size=config.text_hidden_size, zero_init_output=True,
                                 attention_impl=config.attention_impl, mesh=mesh, **common)
-    self.norm2 = layers.layer_norm(d, **common)
+    self.norm2 = layers.AdaLNNorm(d, config.norm_impl, mesh=mesh, **common)
     self.ffn = make_ffn(config, layer_index, rngs, mesh)
 
   def __call__(self, x, c, context, context_lengths, *, train: bool,
                capacity_factor: float | None):
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = self.modulation(c)
-    x = x + gate_sa[:, None] * self.self_attn(layers.modulate(self.norm1(x), shift_sa, scale_sa))
+    x = x + gate_sa[:, None] * self.self_attn(self.norm1(x, shift_sa, scale_sa))
     x = x + self.cross_attn(self.norm_cross(x), context, context_lengths)
-    h = layers.modulate(self.norm2(x), shift_ff, scale_ff)
+    h = self.norm2(x, shift_ff, scale_ff)
     if self.is_moe:
       y, aux = self.ffn(h, train=train, capacity_factor=capacity_factor)
     else:
@@ -64,17 +64,17 @@ class DiTBlock(nnx.Module):
 class FinalLayer(nnx.Module):
   """adaLN-modulated LayerNorm and a zero-initialised projection to patch pixels."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mesh=None):
     d = config.hidden_size
     common = dict(rngs=rngs, dtype=config.compute_dtype, param_dtype=config.parameter_dtype)
     self.modulation = layers.AdaLNModulation(d, 2, **common)
-    self.norm = layers.layer_norm(d, **common)
+    self.norm = layers.AdaLNNorm(d, config.norm_impl, mesh=mesh, **common)
     self.proj = layers.dense(d, config.patch_dim, (axes.EMBED, axes.UNSHARDED), zero_init=True,
                              **common)
 
   def __call__(self, x, c):
     shift, scale = self.modulation(c)
-    return self.proj(layers.modulate(self.norm(x), shift, scale))
+    return self.proj(self.norm(x, shift, scale))
 
 
 class DiT(nnx.Module):
@@ -100,7 +100,7 @@ class DiT(nnx.Module):
                                       for j in range(period)])
     else:
       self.blocks = nnx.List(blocks)
-    self.final = FinalLayer(config, rngs=rngs)
+    self.final = FinalLayer(config, rngs=rngs, mesh=mesh)
 
   def block_modules(self) -> list[DiTBlock]:
     """The block modules: one per layer, or one stacked module per position of the pattern."""

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ecdit_jax.model import fused_norm
 from ecdit_jax.parallel import axes
 
 default_kernel_init = nnx.initializers.xavier_uniform()
@@ -136,6 +137,27 @@ class FeedForward(nnx.Module):
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   """adaLN: per-image affine modulation of normalised tokens (B, S, d) by (B, d) vectors."""
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class AdaLNNorm(nnx.Module):
+  """LayerNorm without parameters, then adaLN's modulation: ``norm(x, shift, scale)``.
+
+  ``impl`` (config.model.norm_impl): "xla" (a LayerNorm in float32, then ``modulate``), or the
+  fused Pallas kernels of ``fused_norm`` ("pallas"; "pallas_interpret" in the interpreter), run
+  per device on ``mesh``. No parameters either way: the choice never changes a checkpoint.
+  """
+
+  def __init__(self, features: int, impl: str, *, rngs: nnx.Rngs, dtype, param_dtype,
+               mesh=None):
+    self.norm = layer_norm(features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.impl = impl
+    self.mesh = mesh
+
+  def __call__(self, x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    if self.impl == "xla":
+      return modulate(self.norm(x), shift, scale)
+    return fused_norm.norm_modulate(x, shift, scale, eps=self.norm.epsilon, mesh=self.mesh,
+                                    interpret=self.impl == "pallas_interpret")
 
 
 class AdaLNModulation(nnx.Module):

@@ -75,6 +75,7 @@ def test_resume_refuses_a_different_model_but_takes_new_compute_settings(data_di
 @pytest.mark.parametrize("key, values", [("remat", ("none", "block", "dots")),
                                          ("moe_dispatch", ("gather", "einsum", "hybrid")),
                                          ("attention_impl", ("auto", "xla")),
+                                         ("norm_impl", ("xla", "pallas")),
                                          ("eval_capacity_factor", (2.0, 1.0))])
 def test_compute_only_keys_leave_the_parameters_as_they_are(key, values):
   assert key in COMPUTE_ONLY_KEYS

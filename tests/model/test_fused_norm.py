@@ -1,0 +1,128 @@
+"""The fused adaLN norm-and-modulate kernels (model/fused_norm.py) against the XLA path: outputs
+and gradients in the Pallas interpreter, in both block layouts, on a mesh and inside the DiT;
+and the same kernels lowered for GPUs (Triton) and TPUs (Mosaic) on this CPU."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ecdit_jax.model import TextToImageDiT, fused_norm
+from ecdit_jax.parallel import mesh as mesh_lib
+from tests.tiny import tiny_model_config
+
+EPS = 1e-6
+
+
+def _inputs(shape, dtype=jnp.float32, seed=0):
+  b, _, d = shape
+  keys = jax.random.split(jax.random.key(seed), 4)
+  x = 3 * jax.random.normal(keys[0], shape) + 1  # a mean and spread far from 0 and 1
+  shift, scale = (jax.random.normal(k, (b, d)) for k in keys[1:3])
+  dy = jax.random.normal(keys[3], shape)
+  return tuple(a.astype(dtype) for a in (x, shift, scale, dy))
+
+
+def _value_and_grads(fn, x, shift, scale, dy):
+  y, vjp = jax.vjp(fn, x, shift, scale)
+  return (y, *vjp(dy))
+
+
+def _layer_norm_numpy(x, shift, scale):
+  x = np.asarray(x, np.float64)
+  normed = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + EPS)
+  return normed * (1 + np.asarray(scale, np.float64)[:, None]) + np.asarray(shift)[:, None]
+
+
+def test_the_xla_reference_is_layer_norm_then_modulate():
+  x, shift, scale, _ = _inputs((2, 8, 24))
+  np.testing.assert_allclose(fused_norm.reference(x, shift, scale, EPS),
+                             _layer_norm_numpy(x, shift, scale), rtol=1e-5, atol=1e-5)
+
+
+# (B, S, d): rows that fill several row blocks, rows that do not divide into blocks (a whole
+# image a program), a width that is not a power of two (the GPU layout widens and masks it).
+@pytest.mark.parametrize("shape", [(2, 256, 48), (3, 12, 40), (1, 16, 64)])
+@pytest.mark.parametrize("widen", [False, True], ids=["exact", "widened"])
+def test_kernels_match_xla_outputs_and_gradients(shape, widen):
+  inputs = _inputs(shape)
+  want = _value_and_grads(lambda *a: fused_norm.reference(*a, EPS), *inputs)
+  got = _value_and_grads(
+      lambda *a: fused_norm.norm_modulate(*a, eps=EPS, interpret=True, widen=widen), *inputs)
+  for name, g, w in zip(("y", "dx", "dshift", "dscale"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_bfloat16_inputs_give_bfloat16_results_close_to_the_float32_ones():
+  inputs = _inputs((2, 32, 64))
+  want = _value_and_grads(lambda *a: fused_norm.reference(*a, EPS), *inputs)
+  low = tuple(a.astype(jnp.bfloat16) for a in inputs)
+  got = _value_and_grads(lambda *a: fused_norm.norm_modulate(*a, eps=EPS, interpret=True), *low)
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=5e-2, atol=5e-2)
+
+
+def test_on_a_mesh_each_device_normalises_its_share_of_the_batch():
+  mesh = mesh_lib.create_mesh(mesh_lib.MeshConfig.parse("data=2,fsdp=4"), jax.devices()[:8])
+  inputs = _inputs((8, 16, 32))
+  run = lambda m: jax.jit(lambda *a: _value_and_grads(
+      lambda *b: fused_norm.norm_modulate(*b, eps=EPS, mesh=m, interpret=True), *a))(*inputs)
+  program = str(jax.make_jaxpr(
+      lambda *a: fused_norm.norm_modulate(*a, eps=EPS, mesh=mesh, interpret=True))(*inputs[:3]))
+  assert "shard_map" in program
+  for got, want in zip(run(mesh), run(None)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_dit_trains_the_same_with_the_fused_kernels():
+  base = tiny_model_config()
+  models = {impl: TextToImageDiT(dataclasses.replace(base, norm_impl=impl), rngs=nnx.Rngs(0))
+            for impl in ("xla", "pallas_interpret")}
+  # Non-zero modulation and outputs, so every norm's shift, scale and input get a gradient.
+  params = nnx.state(models["xla"], nnx.Param)
+  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape),
+                        params)
+  assert jax.tree.structure(params) == jax.tree.structure(
+      nnx.state(models["pallas_interpret"], nnx.Param))  # the same checkpoint either way
+  keys = jax.random.split(jax.random.key(2), 3)
+  size, channels = base.image_size, base.in_channels
+  x = jax.random.normal(keys[0], (2, size, size, channels))
+  t = jax.random.uniform(keys[1], (2,))
+  tokens = jax.random.randint(keys[2], (2, base.text_max_len), 2, base.text_vocab_size)
+
+  def loss_and_grads(impl):
+    graphdef = nnx.graphdef(models[impl])
+
+    def loss(p):
+      pred, _ = nnx.merge(graphdef, p, nnx.state(models[impl], nnx.Not(nnx.Param)))(x, t, tokens)
+      return jnp.mean(jnp.square(pred - x))
+    # Five kernel pairs (two norms in each of two blocks, one in the final layer) or none.
+    assert str(jax.make_jaxpr(loss)(params)).count("pallas_call") == (0 if impl == "xla" else 5)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  want_loss, want_grads = loss_and_grads("xla")
+  got_loss, got_grads = loss_and_grads("pallas_interpret")
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-6)
+
+
+@pytest.mark.parametrize("platform,custom_call", [("cuda", "__gpu$xla.gpu.triton"),
+                                                  ("tpu", "tpu_custom_call")])
+def test_the_kernels_lower_for_gpus_and_tpus(platform, custom_call):
+  """Lowered (not run) for the other platforms on this CPU: Triton takes the widened blocks of
+  an XL model's width and Mosaic the exact ones, forward and backward."""
+  vector = jax.ShapeDtypeStruct((4, 1152), jnp.bfloat16)
+  args = [jax.ShapeDtypeStruct((4, 128, 1152), jnp.bfloat16), vector, vector]
+  loss = lambda *a: jnp.sum(fused_norm.norm_modulate(*a, eps=EPS).astype(jnp.float32))
+  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  exported = jax.export.export(
+      step, platforms=[platform],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
+  text = exported.mlir_module()
+  assert text.count(f"@{custom_call}(") == 2  # the forward and the backward kernel
