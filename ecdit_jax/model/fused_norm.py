@@ -13,9 +13,10 @@ once:
   and per-block partial sums of ``dy * xhat`` and ``dy`` that XLA adds up into the image's
   ``dscale`` and ``dshift``.
 
-One kernel body serves every backend: Triton on GPUs (a row block must be a power of two wide, so
-the block is widened and the columns past the model width are masked), Mosaic on TPUs (the block
-is the exact width, a multiple of 128 in every preset), and the Pallas interpreter anywhere
+One kernel body serves every backend: Triton on GPUs (values must be a power of two wide, so a
+block is loaded widened, by masked loads and stores that never touch memory past the model
+width), Mosaic on TPUs (exact-width blocks, a multiple of 128 in every preset), and the Pallas
+interpreter anywhere
 (``interpret=True``: how the tests check it on a CPU against the XLA path). On a mesh the kernel
 runs per device under ``shard_map`` over the batch, the dimension that the activations are split
 along; the model width is never split in activations.
@@ -33,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from ecdit_jax.parallel import mesh as mesh_lib
 
-# Rows a program takes: Triton keeps its (rows, width) block in registers, so few rows of a
+# Rows a program takes: Triton keeps its (rows, width) values in registers, so few rows of a
 # power-of-two width; Mosaic stages blocks through VMEM, where more rows amortise each step.
 GPU_ROWS = 8
 OTHER_ROWS = 128
@@ -98,7 +99,8 @@ def _per_platform(call, *args, mode: tuple[bool, bool | None]):
 
 
 def _layout(x: jax.Array, gpu: bool) -> tuple[int, int, tuple[int, int]]:
-  """(rows a program takes, block width, grid) for x (B, S, d)."""
+  """(rows a program takes, width it computes on, grid) for x (B, S, d). Blocks are always the
+  exact width d; on GPUs the kernel loads them widened to a power of two (masked)."""
   b, s, d = x.shape
   rows = GPU_ROWS if gpu else OTHER_ROWS
   if s % rows:
@@ -110,18 +112,22 @@ def _layout(x: jax.Array, gpu: bool) -> tuple[int, int, tuple[int, int]]:
 def _compiler_params(gpu: bool, interpret: bool):
   if interpret or not gpu:
     return None
-  from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415 (GPU only)
-  return pl_triton.CompilerParams(num_warps=4, num_stages=1)
+  return _triton().CompilerParams(num_warps=4, num_stages=1)
+
+
+def _triton():
+  from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415 (GPU layout only)
+  return pl_triton
 
 
 def _forward(x, shift, scale, eps, mode):
   def call(x, shift, scale, *, gpu, interpret):
     rows, width, grid = _layout(x, gpu)
     b, s, d = x.shape
-    row_block = pl.BlockSpec((None, rows, width), lambda i, j: (i, j, 0))
-    vector = pl.BlockSpec((None, 1, width), lambda i, j: (i, 0, 0))
+    row_block = pl.BlockSpec((None, rows, d), lambda i, j: (i, j, 0))
+    vector = pl.BlockSpec((None, 1, d), lambda i, j: (i, 0, 0))
     stat = pl.BlockSpec((None, rows, 1), lambda i, j: (i, j, 0))
-    kernel = functools.partial(_forward_kernel, model_width=d, eps=eps)
+    kernel = functools.partial(_forward_kernel, width=width, eps=eps)
     return pl.pallas_call(
         kernel, grid=grid, in_specs=[row_block, vector, vector],
         out_specs=[row_block, stat, stat],
@@ -137,13 +143,13 @@ def _backward(x, scale, mean, rstd, dy, mode):
   def call(x, scale, mean, rstd, dy, *, gpu, interpret):
     rows, width, grid = _layout(x, gpu)
     b, _, d = x.shape
-    row_block = pl.BlockSpec((None, rows, width), lambda i, j: (i, j, 0))
-    vector = pl.BlockSpec((None, 1, width), lambda i, j: (i, 0, 0))
+    row_block = pl.BlockSpec((None, rows, d), lambda i, j: (i, j, 0))
+    vector = pl.BlockSpec((None, 1, d), lambda i, j: (i, 0, 0))
     stat = pl.BlockSpec((None, rows, 1), lambda i, j: (i, j, 0))
-    partial_sum = pl.BlockSpec((None, None, 1, width), lambda i, j: (i, j, 0, 0))
+    partial_sum = pl.BlockSpec((None, None, 1, d), lambda i, j: (i, j, 0, 0))
     partial_shape = jax.ShapeDtypeStruct((b, grid[1], 1, d), jnp.float32)
     dx, dscale, dshift = pl.pallas_call(
-        functools.partial(_backward_kernel, model_width=d), grid=grid,
+        functools.partial(_backward_kernel, width=width), grid=grid,
         in_specs=[row_block, vector, stat, stat, row_block],
         out_specs=[row_block, partial_sum, partial_sum],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), partial_shape, partial_shape],
@@ -153,41 +159,51 @@ def _backward(x, scale, mean, rstd, dy, mode):
   return _per_platform(call, x, scale, mean, rstd, dy, mode=mode)
 
 
-def _columns_in_model(shape: tuple[int, ...], model_width: int):
-  """A mask of the block's columns inside the model width, or None where the block is exact."""
-  if shape[-1] == model_width:
-    return None
-  return lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) < model_width
+def _inside(ref, width: int):
+  """The columns of a (rows, width) view of ``ref`` that lie inside its (rows, d) block."""
+  return lax.broadcasted_iota(jnp.int32, (ref.shape[0], width), 1) < ref.shape[1]
 
 
-def _forward_kernel(x_ref, shift_ref, scale_ref, y_ref, mean_ref, rstd_ref, *, model_width, eps):
-  x = x_ref[...].astype(jnp.float32)
-  inside = _columns_in_model(x.shape, model_width)
-  if inside is not None:  # past the model width a widened block holds anything: zero it
-    x = jnp.where(inside, x, 0.0)
+def _read(ref, width: int) -> jax.Array:
+  """A block as float32, widened to ``width`` columns with zeros past the model width (Triton's
+  masked load: nothing outside the block is touched)."""
+  if width == ref.shape[1]:
+    return ref[...].astype(jnp.float32)
+  view = ref.at[:, pl.ds(0, width)]
+  return _triton().load(view, mask=_inside(ref, width), other=0.0).astype(jnp.float32)
+
+
+def _write(ref, value: jax.Array) -> None:
+  """Stores the block's own columns of a possibly widened ``value``."""
+  if value.shape[1] == ref.shape[1]:
+    ref[...] = value.astype(ref.dtype)
+  else:
+    _triton().store(ref.at[:, pl.ds(0, value.shape[1])], value.astype(ref.dtype),
+                    mask=_inside(ref, value.shape[1]))
+
+
+def _forward_kernel(x_ref, shift_ref, scale_ref, y_ref, mean_ref, rstd_ref, *, width, eps):
+  model_width = x_ref.shape[1]
+  x = _read(x_ref, width)  # zeros past the model width: they add nothing to the sums
   mean = jnp.sum(x, axis=1, keepdims=True) / model_width
-  centred = x - mean
-  if inside is not None:
-    centred = jnp.where(inside, centred, 0.0)
+  centred = jnp.where(_inside(x_ref, width), x - mean, 0.0) if width != model_width else x - mean
   rstd = lax.rsqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / model_width + eps)
-  scale = 1.0 + scale_ref[...].astype(jnp.float32)
-  y_ref[...] = (centred * rstd * scale + shift_ref[...].astype(jnp.float32)).astype(y_ref.dtype)
+  _write(y_ref, centred * rstd * (1.0 + _read(scale_ref, width)) + _read(shift_ref, width))
   mean_ref[...] = mean
   rstd_ref[...] = rstd
 
 
 def _backward_kernel(x_ref, scale_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dscale_ref,
-                     dshift_ref, *, model_width):
-  x = x_ref[...].astype(jnp.float32)
-  dy = dy_ref[...].astype(jnp.float32)
+                     dshift_ref, *, width):
+  model_width = x_ref.shape[1]
   rstd = rstd_ref[...]
-  xhat = (x - mean_ref[...]) * rstd
-  g = dy * (1.0 + scale_ref[...].astype(jnp.float32))
-  inside = _columns_in_model(x.shape, model_width)
-  if inside is not None:  # zeros past the model width, whatever x, dy and scale hold there
-    xhat, dy, g = (jnp.where(inside, v, 0.0) for v in (xhat, dy, g))
+  xhat = (_read(x_ref, width) - mean_ref[...]) * rstd
+  if width != model_width:  # the widened columns: x = 0 there, so xhat = -mean * rstd
+    xhat = jnp.where(_inside(x_ref, width), xhat, 0.0)
+  dy = _read(dy_ref, width)  # zeros past the model width, and so is g
+  g = dy * (1.0 + _read(scale_ref, width))
   mean_g = jnp.sum(g, axis=1, keepdims=True) / model_width
   mean_gx = jnp.sum(g * xhat, axis=1, keepdims=True) / model_width
-  dx_ref[...] = ((g - mean_g - xhat * mean_gx) * rstd).astype(dx_ref.dtype)
-  dscale_ref[...] = jnp.sum(dy * xhat, axis=0, keepdims=True)
-  dshift_ref[...] = jnp.sum(dy, axis=0, keepdims=True)
+  _write(dx_ref, (g - mean_g - xhat * mean_gx) * rstd)
+  _write(dscale_ref, jnp.sum(dy * xhat, axis=0, keepdims=True))
+  _write(dshift_ref, jnp.sum(dy, axis=0, keepdims=True))

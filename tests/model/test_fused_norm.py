@@ -126,3 +126,29 @@ def test_the_kernels_lower_for_gpus_and_tpus(platform, custom_call):
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
   text = exported.mlir_module()
   assert text.count(f"@{custom_call}(") == 2  # the forward and the backward kernel
+
+
+def _pallas_calls(jaxpr):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      yield eqn
+    for value in eqn.params.values():
+      inner = getattr(value, "jaxpr", value)
+      if hasattr(inner, "eqns"):
+        yield from _pallas_calls(inner)
+
+
+@pytest.mark.parametrize("widen", [False, True], ids=["exact", "widened"])
+def test_every_block_tiles_its_array(widen):
+  """No block reaches past its array: on a GPU the widened values are masked loads and stores
+  of exact blocks, never wider blocks (which Triton would read and write out of bounds)."""
+  x, shift, scale, _ = _inputs((2, 16, 48))
+  loss = lambda *a: jnp.sum(fused_norm.norm_modulate(*a, eps=EPS, interpret=True, widen=widen))
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, shift, scale).jaxpr
+  calls = list(_pallas_calls(jaxpr))
+  assert len(calls) == 2
+  for call in calls:
+    for block in call.params["grid_mapping"].block_mappings:
+      sizes = [getattr(dim, "block_size", 1) for dim in block.block_shape]
+      for size, extent in zip(sizes, block.array_aval.shape):
+        assert extent % size == 0, (sizes, block.array_aval.shape)
