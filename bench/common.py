@@ -76,7 +76,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_batch: int) -> 
                       help="override config.model.attention_impl")
   parser.add_argument("--norm_impl", choices=("xla", "pallas"), default=None,
                       help="adaLN norm + modulate: XLA ops or the fused Pallas kernels")
-  parser.add_argument("--remat", choices=("none", "block", "dots"), default=None,
+  parser.add_argument("--remat", choices=("none", "block", "dots", "matmuls"), default=None,
                       help="override config.model.remat (recompute blocks in the backward)")
   parser.add_argument("--moe_dispatch", choices=("gather", "einsum", "hybrid"), default=None,
                       help="override config.model.moe_dispatch (token gather, one-hot einsum, "

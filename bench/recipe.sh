@@ -9,9 +9,10 @@
 #
 # A run is REMAT_mbMICRO: REMAT is the model's remat policy (block: every block recomputed in
 # the backward pass; dots: matmul outputs without batch dimensions kept, the rest recomputed;
-# none: everything kept) and MICRO the micro-batch (grad_accum_steps = 4096 / MICRO). Layers run
-# as a scan (compile time). Each writes OUT_DIR/recipe_<run>.json and .log; one that fails (out
-# of memory, say) is reported and the rest go on; the exit status is 1 if any failed.
+# matmuls: every matmul output kept, the experts' too; none: everything kept) and MICRO the
+# micro-batch (grad_accum_steps = 4096 / MICRO). Layers run as a scan (compile time). Each
+# writes OUT_DIR/recipe_<run>.json and .log; one that fails (out of memory, say) is reported
+# and the rest go on; the exit status is 1 if any failed.
 #
 # Environment: PYTHON (default python3), EXTRA_ARGS (added to every run), RUNS, BATCH (global
 # batch, default 4096), PROFILE (set: each run also traces one step into OUT_DIR/profile_<name>
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.." || exit 2
 OUT="${1:-bench/out}"
 PYTHON="${PYTHON:-python3}"
 BATCH="${BATCH:-4096}"
-RUNS="${RUNS:-block_mb64 none_mb64 dots_mb64 dots_mb128 none_mb32 block_mb128}"
+RUNS="${RUNS:-block_mb64 none_mb64 dots_mb64 matmuls_mb64 dots_mb128 none_mb32 block_mb128}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 mkdir -p "$OUT" || exit 2

@@ -19,7 +19,7 @@ from ecdit_jax.errors import ConfigError
 ROUTERS = ("expert_choice", "token_choice")
 MOE_LAYOUTS = ("every_other", "every", "none")
 MOE_DISPATCH = ("gather", "einsum", "hybrid")
-REMAT_POLICIES = ("none", "block", "dots")
+REMAT_POLICIES = ("none", "block", "dots", "matmuls")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # adaLN's LayerNorm + modulate: XLA ops, or the fused Pallas kernels of model/fused_norm.py
 # (Triton on GPUs, Mosaic on TPUs); "pallas_interpret" runs those kernels in the Pallas
@@ -87,7 +87,9 @@ class ModelConfig:
   attention_impl: str = "auto"  # auto: cuDNN flash attention on GPU, XLA elsewhere
   norm_impl: str = "xla"  # adaLN's norm + modulate: "xla", "pallas" (fused kernels), ...
   # Rematerialisation of each DiT block in the backward pass: "none"; "block" (keep only the
-  # block inputs: least memory); "dots" (keep matmul outputs, recompute the elementwise work).
+  # block inputs: least memory); "dots" (keep the outputs of matmuls without batch dimensions,
+  # the dense layers', recompute the rest); "matmuls" (keep every matmul's output, the experts'
+  # and attention's batched ones too; recompute the elementwise work).
   remat: str = "none"
   # Scan over layers: the blocks' parameters are stacked along a leading "layers" axis (one
   # stack per position in the repeating dense/MoE pattern) and the forward pass is one

@@ -18,6 +18,11 @@ from ecdit_jax.model.moe import ExpertChoiceFFN, TokenChoiceFFN
 from ecdit_jax.model.text import TextEncoder
 from ecdit_jax.parallel import axes
 
+# What each config.model.remat policy keeps for the backward pass (None: only the block's inputs).
+REMAT_SAVES = {"block": None,
+               "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+               "matmuls": jax.checkpoint_policies.dots_saveable}
+
 
 def make_ffn(config: ModelConfig, layer_index: int, rngs: nnx.Rngs, mesh=None) -> nnx.Module:
   """The feed-forward of block ``layer_index``: an MoE layer where the layout puts one."""
@@ -150,9 +155,7 @@ class DiT(nnx.Module):
                    capacity_factor=capacity_factor)
 
     if cfg.remat != "none":
-      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
-                else None)
-      run_block = nnx.remat(run_block, policy=policy)
+      run_block = nnx.remat(run_block, policy=REMAT_SAVES[cfg.remat])
     if cfg.scan_layers:
       x, layer_aux = layer_stacking.scan_blocks(
           self.stacked_blocks, x,

@@ -16,10 +16,9 @@ once:
 One kernel body serves every backend: Triton on GPUs (values must be a power of two wide, so a
 block is loaded widened, by masked loads and stores that never touch memory past the model
 width), Mosaic on TPUs (exact-width blocks, a multiple of 128 in every preset), and the Pallas
-interpreter anywhere
-(``interpret=True``: how the tests check it on a CPU against the XLA path). On a mesh the kernel
-runs per device under ``shard_map`` over the batch, the dimension that the activations are split
-along; the model width is never split in activations.
+interpreter anywhere (``interpret=True``: how the tests check it on a CPU against the XLA path).
+On a mesh the kernel runs per device under ``shard_map`` over the batch, the dimension that the
+activations are split along; the model width is never split in activations.
 """
 
 from __future__ import annotations
@@ -54,9 +53,9 @@ def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, *, eps: floa
                   mesh=None, interpret: bool = False, widen: bool | None = None) -> jax.Array:
   """``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]`` for x (B, S, d), shift and scale
   (B, d), by the fused kernels; differentiable in all three. ``mesh``: run per device with the
-  batch split as the activations are (None or one device: no ``shard_map``). ``widen``: the
-  GPU's power-of-two blocks (True) or exact-width ones (False); None: as the compiling platform
-  needs (exact in the interpreter)."""
+  batch split as the activations are (None or one device: no ``shard_map``). ``widen``: load
+  blocks widened to a power of two by masked loads, as Triton needs (True), or as they are
+  (False); None: as the compiling platform needs (as they are in the interpreter)."""
   fn = functools.partial(_fused, eps=eps, interpret=interpret, widen=widen)
   if mesh is None or mesh.size == 1:
     return fn(x, shift, scale)
@@ -87,8 +86,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def _per_platform(call, *args, mode: tuple[bool, bool | None]):
-  """``call(*args, gpu=..., interpret=...)`` for the platform that compiles it: Triton's
-  power-of-two blocks on GPUs, exact-width blocks elsewhere; ``mode`` = (interpret, widen)."""
+  """``call(*args, gpu=..., interpret=...)`` for the platform that compiles it: values widened
+  to a power of two on GPUs, blocks as they are elsewhere; ``mode`` = (interpret, widen)."""
   interpret, widen = mode
   if interpret or widen is not None:
     return call(*args, gpu=bool(widen), interpret=interpret)

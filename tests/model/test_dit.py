@@ -169,7 +169,7 @@ def test_every_parameter_carries_logical_axis_names():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["block", "dots"])
+@pytest.mark.parametrize("remat", ["block", "dots", "matmuls"])
 def test_remat_recomputes_blocks_and_keeps_the_gradients(remat):
   plain = TextToImageDiT(tiny_model_config(), rngs=nnx.Rngs(0))
   perturb_all_params(plain)
@@ -187,6 +187,22 @@ def test_remat_recomputes_blocks_and_keeps_the_gradients(remat):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
   program = str(jax.make_jaxpr(jax.grad(loss(remat_graphdef)))(params))
   assert program.count("remat") + program.count("checkpoint") >= 2  # one per block
+
+
+
+@pytest.mark.slow
+def test_each_remat_policy_keeps_more_than_the_last():
+  """block keeps the blocks' inputs; dots also the dense layers' matmul outputs; matmuls also
+  the batched ones (experts, attention scores); none everything."""
+  x, t, tokens = inputs(tiny_model_config())
+  kept = {}
+  for remat in ("block", "dots", "matmuls", "none"):
+    graphdef, params = nnx.split(TextToImageDiT(tiny_model_config(remat=remat),
+                                                rngs=nnx.Rngs(0)), nnx.Param)
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(x, t, tokens)[0] ** 2)
+    _, backward = jax.vjp(loss, params)  # a pytree whose leaves are what it saved
+    kept[remat] = sum(leaf.size for leaf in jax.tree.leaves(backward))
+  assert kept["block"] < kept["dots"] < kept["matmuls"] < kept["none"], kept
 
 
 def test_bad_remat_policy_names_the_key():
