@@ -72,7 +72,7 @@ def test_resume_refuses_a_different_model_but_takes_new_compute_settings(data_di
   assert "resuming with config.model.remat: saved 'none' vs now 'block'" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("key, values", [("remat", ("none", "block", "dots")),
+@pytest.mark.parametrize("key, values", [("remat", ("none", "block", "dots", "matmuls")),
                                          ("moe_dispatch", ("gather", "einsum", "hybrid")),
                                          ("attention_impl", ("auto", "xla")),
                                          ("norm_impl", ("xla", "pallas")),
