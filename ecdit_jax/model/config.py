@@ -22,8 +22,8 @@ MOE_DISPATCH = ("gather", "einsum", "hybrid")
 REMAT_POLICIES = ("none", "block", "dots", "matmuls")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # adaLN's LayerNorm + modulate: XLA ops, or the fused Pallas kernels of model/fused_norm.py
-# (Triton on GPUs, Mosaic on TPUs); "pallas_interpret" runs those kernels in the Pallas
-# interpreter (any backend, slowly: for checking them on a CPU).
+# (Triton on GPUs, Mosaic on TPUs, their math in XLA ops on CPUs); "pallas_interpret" runs
+# those kernels in the Pallas interpreter (any backend, slowly: for checking them on a CPU).
 NORM_IMPLS = ("xla", "pallas", "pallas_interpret")
 # "scratch": the small transformer of model/text.py, trained with the DiT. "t5" / "clip": a
 # frozen pretrained encoder outside the model (train/text_conditioning.py); the DiT then gets its

@@ -17,6 +17,8 @@ One kernel body serves every backend: Triton on GPUs (values must be a power of 
 block is loaded widened, by masked loads and stores that never touch memory past the model
 width), Mosaic on TPUs (exact-width blocks, a multiple of 128 in every preset), and the Pallas
 interpreter anywhere (``interpret=True``: how the tests check it on a CPU against the XLA path).
+CPUs compile no Pallas kernel: there the same two steps run as XLA ops, so a run trained with
+the kernels samples on a laptop.
 On a mesh the kernel runs per device under ``shard_map`` over the batch, the dimension that the
 activations are split along; the model width is never split in activations.
 """
@@ -85,16 +87,39 @@ def _fused_bwd(eps, interpret, widen, residuals, dy):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _per_platform(call, *args, mode: tuple[bool, bool | None]):
+def _per_platform(call, without_kernel, *args, mode: tuple[bool, bool | None]):
   """``call(*args, gpu=..., interpret=...)`` for the platform that compiles it: values widened
-  to a power of two on GPUs, blocks as they are elsewhere; ``mode`` = (interpret, widen)."""
+  to a power of two on GPUs, blocks as they are on TPUs; on CPUs, which compile no Pallas
+  kernel, ``without_kernel(*args)``, the same math in XLA ops (so a run trained with the kernels
+  samples on a laptop). ``mode`` = (interpret, widen): the interpreter, or a forced layout."""
   interpret, widen = mode
   if interpret or widen is not None:
     return call(*args, gpu=bool(widen), interpret=interpret)
   call = functools.partial(call, interpret=False)
   return lax.platform_dependent(*args, cuda=functools.partial(call, gpu=True),
                                 rocm=functools.partial(call, gpu=True),
-                                default=functools.partial(call, gpu=False))
+                                tpu=functools.partial(call, gpu=False), default=without_kernel)
+
+
+def _forward_without_kernel(x, shift, scale, eps):
+  """The forward kernel's outputs (y, mean, rstd) by XLA ops."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  centred = xf - mean
+  rstd = lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+  y = centred * rstd * (1.0 + scale.astype(jnp.float32)[:, None]) + shift.astype(
+      jnp.float32)[:, None]
+  return y.astype(x.dtype), mean, rstd
+
+
+def _backward_without_kernel(x, scale, mean, rstd, dy):
+  """The backward kernel's outputs (dx, dscale, dshift) by XLA ops."""
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  dyf = dy.astype(jnp.float32)
+  g = dyf * (1.0 + scale.astype(jnp.float32)[:, None])
+  dx = (g - jnp.mean(g, axis=-1, keepdims=True)
+        - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)) * rstd
+  return dx.astype(x.dtype), jnp.sum(dyf * xhat, axis=1), jnp.sum(dyf, axis=1)
 
 
 def _layout(x: jax.Array, gpu: bool) -> tuple[int, int, tuple[int, int]]:
@@ -135,7 +160,8 @@ def _forward(x, shift, scale, eps, mode):
                    jax.ShapeDtypeStruct((b, s, 1), jnp.float32)],
         interpret=interpret, compiler_params=_compiler_params(gpu, interpret),
         name="adaln_norm_modulate_fwd")(x, shift[:, None, :], scale[:, None, :])
-  return _per_platform(call, x, shift, scale, mode=mode)
+  return _per_platform(call, functools.partial(_forward_without_kernel, eps=eps), x, shift,
+                       scale, mode=mode)
 
 
 def _backward(x, scale, mean, rstd, dy, mode):
@@ -155,7 +181,7 @@ def _backward(x, scale, mean, rstd, dy, mode):
         interpret=interpret, compiler_params=_compiler_params(gpu, interpret),
         name="adaln_norm_modulate_bwd")(x, scale[:, None, :], mean, rstd, dy)
     return dx, dscale.sum(axis=(1, 2)), dshift.sum(axis=(1, 2))
-  return _per_platform(call, x, scale, mean, rstd, dy, mode=mode)
+  return _per_platform(call, _backward_without_kernel, x, scale, mean, rstd, dy, mode=mode)
 
 
 def _inside(ref, width: int):

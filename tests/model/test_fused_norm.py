@@ -57,6 +57,18 @@ def test_kernels_match_xla_outputs_and_gradients(shape, widen):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)
 
 
+def test_compiled_for_a_cpu_the_same_steps_run_as_xla_ops():
+  """No Pallas kernel compiles for a CPU: there the forward and backward steps are XLA ops with
+  the kernels' results (a run trained on GPUs with the kernels samples on a laptop)."""
+  inputs = _inputs((2, 24, 40))
+  fused = lambda *a: fused_norm.norm_modulate(*a, eps=EPS)
+  assert jax.default_backend() == "cpu"
+  got = jax.jit(lambda *a: _value_and_grads(fused, *a))(*inputs)
+  want = _value_and_grads(lambda *a: fused_norm.reference(*a, EPS), *inputs)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
 def test_bfloat16_inputs_give_bfloat16_results_close_to_the_float32_ones():
   inputs = _inputs((2, 32, 64))
   want = _value_and_grads(lambda *a: fused_norm.reference(*a, EPS), *inputs)
