@@ -4,13 +4,16 @@
 # bfloat16, with each remat policy and micro-batch size. Run from anywhere:
 #
 #   bash bench/recipe.sh [OUT_DIR]            # default bench/out; every lever below
-#   RUNS="block_mb64 none_mb64" bash bench/recipe.sh OUT   # only these
+#   RUNS="block_mb64 none_mb64_unrolled_offload" bash bench/recipe.sh OUT   # only these
 #   EXTRA_ARGS=--smoke bash bench/recipe.sh bench/out_smoke  # tiny model, e.g. on a CPU
 #
-# A run is REMAT_mbMICRO: REMAT is the model's remat policy (block: every block recomputed in
-# the backward pass; dots: matmul outputs without batch dimensions kept, the rest recomputed;
-# matmuls: every matmul output kept, the experts' too; none: everything kept) and MICRO the
-# micro-batch (grad_accum_steps = 4096 / MICRO). Layers run as a scan (compile time). Each
+# A run is REMAT_mbMICRO[_TAG...]: REMAT is the model's remat policy (block: every block
+# recomputed in the backward pass; dots: matmul outputs without batch dimensions kept, the rest
+# recomputed; matmuls: every matmul output kept, the experts' too; none: everything kept) and
+# MICRO the micro-batch (grad_accum_steps = 4096 / MICRO). Layers run as a scan over the stacked
+# blocks (a short compile) unless a tag says otherwise. Tags: unrolled (the layers one after
+# the other: a longer compile, a faster step), offload (EMA and optimizer moments in host memory
+# between steps, config.host_offload=ema,optimizer), offloadema (the EMA alone). Each run
 # writes OUT_DIR/recipe_<run>.json and .log; one that fails (out of memory, say) is reported
 # and the rest go on; the exit status is 1 if any failed.
 #
@@ -24,25 +27,37 @@ cd "$(dirname "$0")/.." || exit 2
 OUT="${1:-bench/out}"
 PYTHON="${PYTHON:-python3}"
 BATCH="${BATCH:-4096}"
-RUNS="${RUNS:-block_mb64 none_mb64 dots_mb64 matmuls_mb64 dots_mb128 none_mb32 block_mb128}"
+RUNS="${RUNS:-block_mb64 none_mb64 dots_mb64 matmuls_mb64 dots_mb128 none_mb32 block_mb128
+  none_mb64_offload block_mb64_unrolled dots_mb64_unrolled none_mb64_unrolled_offload}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 mkdir -p "$OUT" || exit 2
 
 FAILED=()
 for run in $RUNS; do
-  remat="${run%_mb*}"
-  micro="${run#*_mb}"
+  remat="${run%%_*}"
+  IFS=_ read -r -a tags <<< "${run#*_mb}"
+  micro="${tags[0]}"
+  scan=true
+  offload=
+  for tag in "${tags[@]:1}"; do
+    case "$tag" in
+      unrolled) scan=false ;;
+      offload) offload=ema,optimizer ;;
+      offloadema) offload=ema ;;
+      *) micro=bad ;;
+    esac
+  done
   if ! [[ "$micro" =~ ^[0-9]+$ ]] || ((micro <= 0 || BATCH % micro)); then
-    echo "== $run: the micro-batch must be a whole divisor of BATCH=$BATCH" >&2
+    echo "== $run: not REMAT_mbMICRO[_TAG...] with a micro-batch that divides BATCH=$BATCH" >&2
     FAILED+=("$run")
     continue
   fi
   name="recipe_$run"
   args=(bench/step.py --preset=XL-32E --num_devices=1 --mesh=data=1 --batch_size="$BATCH"
-        --grad_accum_steps=$((BATCH / micro)) --scan_layers=true --remat="$remat"
-        --moe_dispatch=hybrid --momentum_dtype=bfloat16 --steps=1 --windows=2 --warmup=1
-        "${EXTRA[@]}" --out="$OUT/$name.json")
+        --grad_accum_steps=$((BATCH / micro)) --scan_layers=$scan --remat="$remat"
+        --moe_dispatch=hybrid --momentum_dtype=bfloat16 --host_offload="$offload" --steps=1
+        --windows=2 --warmup=1 "${EXTRA[@]}" --out="$OUT/$name.json")
   [ -n "${PROFILE:-}" ] && args+=(--profile_dir="$OUT/profile_$name")
   echo "== $name: $PYTHON ${args[*]}"
   if ! "$PYTHON" "${args[@]}" 2>&1 | tee "$OUT/$name.log"; then

@@ -5,7 +5,7 @@
 # EC step with blocks recomputed, unrolled and as a scan over layers (compile time), sampling
 # EC-XL-8E (each dispatch method) against its FLOP-matched dense model on one device, the
 # scanned EC step with adaLN's norm by XLA and by the fused Pallas kernels, the paper's recipe
-# lever by lever (bench/recipe.sh), and,
+# lever by lever (bench/recipe.sh: remat, micro-batch, scan or unrolled, host offload), and,
 # where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split over
 # an expert axis, then parameters over an fsdp axis). Run from anywhere:
 #

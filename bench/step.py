@@ -70,6 +70,9 @@ def parse_args(argv):
                            "divide --steps")
   parser.add_argument("--momentum_dtype", default=None, choices=("float32", "bfloat16"),
                       help="override config.momentum_dtype (the optimizer's momentum trace)")
+  parser.add_argument("--host_offload", default=None,
+                      help="override config.host_offload: state parts kept in host memory "
+                           "between steps, e.g. ema,optimizer")
   parser.add_argument("--profile_dir", default=None,
                       help="trace one more window into this directory and summarise it")
   parser.add_argument("--hlo_out", default=None,
@@ -103,6 +106,8 @@ def main(argv=None) -> dict:
     diffusion = dataclasses.replace(diffusion, mask_ratio=args.mask_ratio)
   config = config.replace(grad_accum_steps=args.grad_accum_steps, diffusion=diffusion,
                           momentum_dtype=args.momentum_dtype or config.momentum_dtype,
+                          host_offload=(config.host_offload if args.host_offload is None
+                                        else args.host_offload),
                           mesh=mesh_lib.MeshConfig.parse(args.mesh))
   model_config = config.model
   devices = jax.devices()[:args.num_devices] if args.num_devices else jax.devices()
@@ -111,7 +116,8 @@ def main(argv=None) -> dict:
 
   optimizer = make_optimizer(config)
   (graphdef, state, shardings), init_s = common.timed(
-      lambda: sharding.init_train_state(model_config, optimizer, config.seed, mesh))
+      lambda: sharding.init_train_state(model_config, optimizer, config.seed, mesh,
+                                        config.host_offloaded))
   jax.block_until_ready(state)
   mask_ratio = config.diffusion.mask_ratio
   masked = mask_ratio > 0
@@ -163,7 +169,8 @@ def main(argv=None) -> dict:
   record = {
       "benchmark": "train_step",
       "name": common.config_name(args, model_config) + (
-          "-bf16momentum" if config.momentum_dtype == "bfloat16" else ""),
+          "-bf16momentum" if config.momentum_dtype == "bfloat16" else "") + (
+          f"-offload({config.host_offload})" if config.host_offload else ""),
       "model": dataclasses.asdict(config.model),
       "param_count": {"total": params.total, "backbone": params.backbone,
                       "experts": params.experts,
@@ -171,6 +178,7 @@ def main(argv=None) -> dict:
       "batch_size": config.batch_size,
       "grad_accum_steps": config.grad_accum_steps,
       "momentum_dtype": config.momentum_dtype,
+      "host_offload": config.host_offload,
       "mask_ratio": mask_ratio,
       "tokens_per_image": tokens or model_config.num_tokens,
       "mesh": dict(mesh.shape),

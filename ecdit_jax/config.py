@@ -31,6 +31,7 @@ LR_DECAYS = ("none", "cosine", "linear")
 MOMENTUM_DTYPES = ("float32", "bfloat16")
 SAMPLERS = ("euler", "heun")
 NONFINITE_POLICIES = ("stop", "skip")
+HOST_OFFLOADS = ("ema", "optimizer")  # config.host_offload's parts
 
 
 def _check(condition: bool, message: str) -> None:
@@ -226,6 +227,12 @@ class TrainConfig:
   lr_decay: str = "none"  # or "cosine" / "linear" to 0 at num_train_steps (fixed budgets)
   momentum: float = 0.9
   momentum_dtype: str = "float32"  # or "bfloat16": less memory traffic a step; fixed for a run
+  # Parts of the train state kept in host memory between steps, comma-separated: "ema", the
+  # EMA parameters; "optimizer", the optimizer's moments. Each step brings them to the devices
+  # for the update, after the gradients, and sends the results back: device memory for the
+  # activations, for PCIe (or host-link) traffic of the parts' size each way. Any run may
+  # change it on resume.
+  host_offload: str = ""
   rmsprop_decay: float = 0.999
   rmsprop_eps: float = 1e-8
   grad_clip_norm: float = 1.0  # 0: no clipping
@@ -264,6 +271,11 @@ class TrainConfig:
     return dataclasses.replace(self, **changes)
 
   @property
+  def host_offloaded(self) -> tuple[str, ...]:
+    """config.host_offload's parts, e.g. ("ema", "optimizer")."""
+    return tuple(part.strip() for part in self.host_offload.split(",") if part.strip())
+
+  @property
   def unmasked_from(self) -> int:
     """The first step trained without token masking (0 when no step masks tokens)."""
     if self.diffusion.mask_ratio == 0:
@@ -287,6 +299,10 @@ def _validate(c: TrainConfig) -> None:
   _check(c.lr_decay in LR_DECAYS, f"config.lr_decay={c.lr_decay!r} must be one of {LR_DECAYS}")
   _check(c.momentum_dtype in MOMENTUM_DTYPES,
          f"config.momentum_dtype={c.momentum_dtype!r} must be one of {MOMENTUM_DTYPES}")
+  _check(isinstance(c.host_offload, str) and all(
+      part in HOST_OFFLOADS for part in c.host_offloaded),
+         f"config.host_offload={c.host_offload!r} must list parts of {HOST_OFFLOADS}, "
+         "comma-separated, or be empty")
   _check(0 <= c.momentum < 1, f"config.momentum={c.momentum} must be in [0, 1)")
   _check(0 <= c.ema_decay < 1, f"config.ema_decay={c.ema_decay} must be in [0, 1)")
   _check(c.grad_clip_norm >= 0, f"config.grad_clip_norm={c.grad_clip_norm} must be >= 0")

@@ -3,7 +3,8 @@
 Parameters are sharded by their logical names through ``ecdit_jax.parallel.mesh.RULES``; the EMA
 copy follows the parameters; every optimizer-state leaf that mirrors a parameter (RMSProp's
 second moment, the momentum trace) takes that parameter's sharding, other leaves (counts) are
-replicated. So FSDP shards parameters, EMA and optimizer state alike.
+replicated. So FSDP shards parameters, EMA and optimizer state alike. Parts of the state named
+in ``config.host_offload`` live in host memory (``HOST_MEMORY``) under the same layout.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.train.state import TrainState, abstract_train_state, create_train_state
 
 
+HOST_MEMORY = "pinned_host"  # the memory kind of offloaded state: host memory the devices DMA
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
@@ -28,8 +32,10 @@ def _path_key(path) -> tuple:
   return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def state_shardings(abstract_state: TrainState, model_config: ModelConfig, mesh: Mesh):
-  """A TrainState of NamedShardings matching ``abstract_state``."""
+def state_shardings(abstract_state: TrainState, model_config: ModelConfig, mesh: Mesh,
+                    host_offload: tuple[str, ...] = ()):
+  """A TrainState of NamedShardings matching ``abstract_state``; the parts named in
+  ``host_offload`` ("ema", "optimizer") in host memory."""
   params = param_shardings(model_config, mesh)
   by_path = {_path_key(path): (sharding, leaf.shape) for (path, sharding), leaf in zip(
       jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract_state.params))}
@@ -45,7 +51,10 @@ def state_shardings(abstract_state: TrainState, model_config: ModelConfig, mesh:
     return replicated(mesh)
 
   opt = jax.tree_util.tree_map_with_path(for_opt_leaf, abstract_state.opt_state)
-  return TrainState(step=replicated(mesh), params=params, ema_params=params, opt_state=opt,
+  on_host = lambda tree: jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), tree)
+  return TrainState(step=replicated(mesh), params=params,
+                    ema_params=on_host(params) if "ema" in host_offload else params,
+                    opt_state=on_host(opt) if "optimizer" in host_offload else opt,
                     rng=replicated(mesh))
 
 
@@ -55,11 +64,13 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
           for k, v in local_batch.items()}
 
 
-def init_train_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh):
+def init_train_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh,
+                     host_offload: tuple[str, ...] = ()):
   """(graphdef, state, state shardings): the state initialised under jit straight into its
-  shards, so no device ever holds the whole model."""
+  shards (host memory for the parts in ``host_offload``), so no device ever holds the whole
+  model."""
   graphdef, abstract = abstract_train_state(model_config, optimizer, seed, mesh)
-  shardings = state_shardings(abstract, model_config, mesh)
+  shardings = state_shardings(abstract, model_config, mesh, host_offload)
   init = jax.jit(lambda: create_train_state(model_config, optimizer, seed, mesh)[1],
                  out_shardings=shardings)
   return graphdef, init(), shardings

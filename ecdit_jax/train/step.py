@@ -32,6 +32,18 @@ def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:
   return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
 
 
+def _on_devices_after(grads, *trees):
+  """``trees`` in device memory, for use once ``grads`` exist. State kept in host memory
+  between steps (config.host_offload) is moved straight from the step's arguments, as XLA's
+  host offloading expects, and a barrier holds its uses back until the gradients are done.
+  Trees wholly on the devices are returned as they are."""
+  on_host = lambda x: jax.typeof(x).memory_space == jax.memory.Space.Host
+  if not any(on_host(x) for x in jax.tree.leaves(trees)):
+    return trees
+  trees = jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), trees)
+  return jax.lax.optimization_barrier((grads, trees))[1]
+
+
 def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, null_tokens: jax.Array | None,
                  masked: bool, null_context: tuple[jax.Array, jax.Array] | None = None):
   """loss_fn(params, batch, rng) -> (total loss, (velocity loss, aux)).
@@ -108,22 +120,23 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig,
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grad_sum, (losses, auxes) = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
+    old_opt, old_ema = _on_devices_after(grad_sum, state.opt_state, state.ema_params)
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     loss = jnp.mean(losses)
     grad_norm = optax.tree_utils.tree_norm(grads)
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer.update(grads, old_opt, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, cfg.ema_decay)
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, old_ema, params)
 
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(
         step=state.step + 1,  # counts batches consumed, including skipped updates
         params=keep_new(params, state.params),
-        ema_params=keep_new(ema, state.ema_params),
-        opt_state=keep_new(opt_state, state.opt_state),
+        ema_params=keep_new(ema, old_ema),
+        opt_state=keep_new(opt_state, old_opt),
         rng=jax.random.key_data(rng))
     metrics = {
         "loss": loss,

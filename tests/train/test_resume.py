@@ -26,9 +26,12 @@ def read_losses(workdir):
 
 
 # The data position is checkpointed either way: the grain pipeline's or the in-memory cache's;
-# and the stacked parameters of a scan over layers are too.
-@pytest.mark.parametrize("cache_in_memory,scan_layers", [(False, False), (True, True)])
-def test_resume_matches_uninterrupted_run(data_dir, tmp_path, cache_in_memory, scan_layers):
+# and the stacked parameters of a scan over layers are too. The EMA and optimizer state saved
+# from host memory (config.host_offload) resume onto the devices, and the other way round.
+@pytest.mark.parametrize("cache_in_memory,scan_layers,offload", [
+    (False, False, ("ema,optimizer", "")), (True, True, ("", "ema,optimizer"))])
+def test_resume_matches_uninterrupted_run(data_dir, tmp_path, cache_in_memory, scan_layers,
+                                          offload):
   def config(**overrides):
     return tiny_train_config(data_dir, **{"data.cache_in_memory": cache_in_memory,
                                           "model.scan_layers": scan_layers,
@@ -39,9 +42,11 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path, cache_in_memory, s
 
   resumed = str(tmp_path / "resumed")
   # Stop after 3 steps (a checkpoint is written there), then start again with the full length.
-  train_and_evaluate(config(num_train_steps=3), resumed)
+  train_and_evaluate(config(num_train_steps=3, host_offload=offload[0]), resumed)
   assert Checkpointer(resumed).all_steps() == [3]
-  final_resumed = train_and_evaluate(config(), resumed)
+  final_resumed = train_and_evaluate(config(host_offload=offload[1]), resumed)
+  assert ({leaf.sharding.memory_kind for leaf in jax.tree.leaves(final_resumed.opt_state)}
+          == {"pinned_host" if offload[1] else "device"})
 
   losses_straight, losses_resumed = read_losses(straight), read_losses(resumed)
   assert sorted(losses_resumed) == list(range(1, 7))
