@@ -60,6 +60,9 @@ def parse_args(argv):
   parser.add_argument("--steps", type=int, default=10, help="train steps per timed window")
   parser.add_argument("--mesh", default="data=-1",
                       help="mesh sizes, e.g. data=1,fsdp=2,expert=2 (-1 = the rest)")
+  parser.add_argument("--dense_over_expert", action="store_true",
+                      help="config.mesh.dense_over_expert: the expert axis also splits the "
+                           "dense weights, as fsdp does")
   parser.add_argument("--num_devices", type=int, default=None,
                       help="use the first N devices (default: all)")
   parser.add_argument("--grad_accum_steps", type=int, default=1)
@@ -108,7 +111,8 @@ def main(argv=None) -> dict:
                           momentum_dtype=args.momentum_dtype or config.momentum_dtype,
                           host_offload=(config.host_offload if args.host_offload is None
                                         else args.host_offload),
-                          mesh=mesh_lib.MeshConfig.parse(args.mesh))
+                          mesh=dataclasses.replace(mesh_lib.MeshConfig.parse(args.mesh),
+                                                   dense_over_expert=args.dense_over_expert))
   model_config = config.model
   devices = jax.devices()[:args.num_devices] if args.num_devices else jax.devices()
   config_lib.check_devices(config, len(devices), 1)  # as training checks it
@@ -117,7 +121,7 @@ def main(argv=None) -> dict:
   optimizer = make_optimizer(config)
   (graphdef, state, shardings), init_s = common.timed(
       lambda: sharding.init_train_state(model_config, optimizer, config.seed, mesh,
-                                        config.host_offloaded))
+                                        config.host_offloaded, config.mesh.param_rules()))
   jax.block_until_ready(state)
   mask_ratio = config.diffusion.mask_ratio
   masked = mask_ratio > 0
@@ -182,6 +186,7 @@ def main(argv=None) -> dict:
       "mask_ratio": mask_ratio,
       "tokens_per_image": tokens or model_config.num_tokens,
       "mesh": dict(mesh.shape),
+      "dense_over_expert": config.mesh.dense_over_expert,
       "environment": common.environment(devices),
       "init_s": init_s,
       "lower_s": lower_s,

@@ -46,8 +46,9 @@ def abstract_params(config: ModelConfig, mesh=None) -> tuple[nnx.GraphDef, dict]
   return graphdef, to_pure_dict(state)
 
 
-def param_shardings(config: ModelConfig, mesh) -> Any:
-  """NamedShardings of the parameter dict on ``mesh``, from the parameters' logical names."""
+def param_shardings(config: ModelConfig, mesh, rules=mesh_lib.RULES) -> Any:
+  """NamedShardings of the parameter dict on ``mesh``, from the parameters' logical names by
+  ``rules`` (``MeshConfig.param_rules()``)."""
   state = nnx.state(abstract_model(config, mesh), nnx.Param)
   return mesh_lib.tree_shardings(to_pure_dict(state), to_pure_dict(nnx.get_partition_spec(state)),
-                                 mesh)
+                                 mesh, rules)

@@ -64,6 +64,11 @@ class MeshConfig:
   # Lets a mesh axis take part of a physical TPU torus axis, for per-slice shapes that are not a
   # product of whole physical axes (e.g. fsdp=8 x expert=8 on a 4x4x4 v4 slice).
   allow_split_physical_axes: bool = False
+  # The expert axis also splits the dense weights (attention, adaLN, dense FFNs, embeddings,
+  # router) along their model dimension, as fsdp does, and their EMA and optimizer state with
+  # them: less memory a device, for an all-gather of each such weight over the expert axis where
+  # it is used. The batch is split over the expert axis either way.
+  dense_over_expert: bool = False
 
   def __post_init__(self):
     for name in MESH_AXES:
@@ -79,6 +84,9 @@ class MeshConfig:
             f"config.mesh.dcn_{name}={slices}: only {', '.join(DCN_AXES)} may span slices; "
             f"the {name} axis exchanges activations in every layer and must stay within a "
             f"slice's interconnect (ICI). Span slices with config.mesh.dcn_data or dcn_fsdp")
+    for name in ("allow_split_physical_axes", "dense_over_expert"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"config.mesh.{name}={getattr(self, name)!r} must be True or False")
     fill = [name for name in MESH_AXES if getattr(self, name) == -1]
     if len(fill) > 1:
       raise ConfigError(f"only one mesh axis may be -1, got {', '.join(fill)}")
@@ -101,6 +109,15 @@ class MeshConfig:
       return cls(**sizes)
     except ConfigError as e:
       raise ConfigError(f"{flag}={text!r}: {e}") from e
+
+  def param_rules(self) -> tuple[tuple[str, Any], ...]:
+    """The rule table for parameters: ``RULES``, with the expert axis after fsdp for the model
+    dimension under ``dense_over_expert`` (an expert weight's own expert dimension takes the
+    axis first)."""
+    if not self.dense_over_expert:
+      return RULES
+    wider = {axes.EMBED: ("fsdp", "expert"), axes.TEXT_EMBED: ("fsdp", "expert")}
+    return tuple((name, wider.get(name, target)) for name, target in RULES)
 
   @property
   def num_slices(self) -> int:

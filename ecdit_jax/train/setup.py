@@ -152,7 +152,8 @@ def _restore_or_init(cfg: TrainConfig, workdir: str, checkpointer: Checkpointer,
   """(graphdef, state, shardings): the newest readable checkpoint restored into the state's
   shards, or a state initialised in them when there is none."""
   graphdef, abstract = abstract_train_state(cfg.model, optimizer, cfg.seed, mesh)
-  shardings = sharding.state_shardings(abstract, cfg.model, mesh, cfg.host_offloaded)
+  shardings = sharding.state_shardings(abstract, cfg.model, mesh, cfg.host_offloaded,
+                                       cfg.mesh.param_rules())
   target = mesh_lib.with_shardings(abstract, shardings)
 
   def read(step):
@@ -163,7 +164,7 @@ def _restore_or_init(cfg: TrainConfig, workdir: str, checkpointer: Checkpointer,
   found = checkpointer.read_newest(read, report=log_line, set_aside=True)
   if found is None:
     _, state, _ = sharding.init_train_state(cfg.model, optimizer, cfg.seed, mesh,
-                                           cfg.host_offloaded)
+                                           cfg.host_offloaded, cfg.mesh.param_rules())
     if jax.process_index() == 0:
       write_atomic(epath.Path(workdir) / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
     return graphdef, state, shardings

@@ -33,10 +33,11 @@ def _path_key(path) -> tuple:
 
 
 def state_shardings(abstract_state: TrainState, model_config: ModelConfig, mesh: Mesh,
-                    host_offload: tuple[str, ...] = ()):
-  """A TrainState of NamedShardings matching ``abstract_state``; the parts named in
-  ``host_offload`` ("ema", "optimizer") in host memory."""
-  params = param_shardings(model_config, mesh)
+                    host_offload: tuple[str, ...] = (), rules=mesh_lib.RULES):
+  """A TrainState of NamedShardings matching ``abstract_state``: parameters by ``rules``
+  (``config.mesh.param_rules()``), the parts named in ``host_offload`` ("ema", "optimizer") in
+  host memory."""
+  params = param_shardings(model_config, mesh, rules)
   by_path = {_path_key(path): (sharding, leaf.shape) for (path, sharding), leaf in zip(
       jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract_state.params))}
   longest = max(len(k) for k in by_path)
@@ -65,12 +66,11 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 
 def init_train_state(model_config: ModelConfig, optimizer, seed: int, mesh: Mesh,
-                     host_offload: tuple[str, ...] = ()):
+                     host_offload: tuple[str, ...] = (), rules=mesh_lib.RULES):
   """(graphdef, state, state shardings): the state initialised under jit straight into its
-  shards (host memory for the parts in ``host_offload``), so no device ever holds the whole
-  model."""
+  shards (``state_shardings``), so no device ever holds the whole model."""
   graphdef, abstract = abstract_train_state(model_config, optimizer, seed, mesh)
-  shardings = state_shardings(abstract, model_config, mesh, host_offload)
+  shardings = state_shardings(abstract, model_config, mesh, host_offload, rules)
   init = jax.jit(lambda: create_train_state(model_config, optimizer, seed, mesh)[1],
                  out_shardings=shardings)
   return graphdef, init(), shardings

@@ -50,9 +50,10 @@ def _null(model_config):
   return null
 
 
-def _run(config, mesh, batches, prepare=perturbed):
-  """Gradients at the first batch and the losses/params of three steps, on ``mesh`` or on one
-  device when ``mesh`` is None; ``prepare`` turns the initial parameters into the ones used."""
+def _run(config, mesh, batches, prepare=perturbed, rules=mesh_lib.RULES):
+  """Gradients at the first batch and the losses/params of three steps, on ``mesh`` (parameters
+  laid out by ``rules``) or on one device when ``mesh`` is None; ``prepare`` turns the initial
+  parameters into the ones used."""
   optimizer = make_optimizer(config)
   null = _null(config.model)
   if mesh is None:
@@ -60,7 +61,7 @@ def _run(config, mesh, batches, prepare=perturbed):
     shardings = None
   else:
     graphdef, state, shardings = sharding.init_train_state(config.model, optimizer, config.seed,
-                                                           mesh)
+                                                           mesh, rules=rules)
   state = state.replace(params=prepare(state.params))
   loss_fn = make_loss_fn(graphdef, config, null, masked=True)
   grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
@@ -115,6 +116,28 @@ def test_sharded_training_equals_single_device(sizes, reference):
   assert (spec[1] == "fsdp") == (sizes.get("fsdp", 1) > 1)
   nu = jax.tree.leaves(state.opt_state)  # optimizer moments follow their parameters
   assert any(leaf.shape == w_in.shape and leaf.sharding.spec == spec for leaf in nu)
+
+
+def test_dense_weights_split_over_the_expert_axis_train_the_same(reference):
+  """config.mesh.dense_over_expert: the expert axis splits the dense weights' model dimension
+  after fsdp (ZeRO-3 over it too); the experts keep their layout; same numbers."""
+  config, batches, (grads0, _, losses0, state0) = reference
+  mesh_config = mesh_lib.MeshConfig(data=1, fsdp=2, expert=4, dense_over_expert=True)
+  mesh = mesh_lib.create_mesh(mesh_config)
+  grads, _, losses, state = _run(config, mesh, batches, rules=mesh_config.param_rules())
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
+  np.testing.assert_allclose(losses, losses0, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  blocks = state.params["dit"]["blocks"]
+  assert tuple(blocks[1]["ffn"]["experts"]["w_in"].sharding.spec)[:2] == ("expert", "fsdp")
+  dense_block = blocks[0]
+  for dense in (dense_block["self_attn"]["query"]["kernel"],
+                dense_block["modulation"]["proj"]["kernel"], dense_block["ffn"]["fc1"]["kernel"]):
+    assert tuple(dense.sharding.spec)[0] == ("fsdp", "expert")
+  for ema, param in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)):
+    assert ema.sharding.spec == param.sharding.spec
 
 
 def test_scan_over_layers_trains_as_the_unrolled_model_on_a_mesh(reference):
