@@ -7,7 +7,8 @@
 # scanned EC step with adaLN's norm by XLA and by the fused Pallas kernels, the paper's recipe
 # lever by lever (bench/recipe.sh: remat, micro-batch, scan or unrolled, host offload), and,
 # where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split over
-# an expert axis, then parameters over an fsdp axis). Run from anywhere:
+# an expert axis, then parameters over an fsdp axis, then the experts over the expert axis with
+# the dense weights split over it too). Run from anywhere:
 #
 #   bash bench/run_all.sh [OUT_DIR]   # default bench/out; a relative OUT_DIR is from the repo root
 #   EXTRA_ARGS=--smoke bash bench/run_all.sh bench/out_smoke   # tiny models, e.g. on a CPU
@@ -100,6 +101,9 @@ if ((DEVICES >= 2)); then
     run "step_ec_xl_32e_2dev_${tag//,/_}" bench/step.py --model=ec --num_experts=32 \
       --num_devices=2 --mesh="$mesh" --batch_size="$BATCH_2"
   done
+  # The dense weights split over the expert axis too (config.mesh.dense_over_expert).
+  run step_ec_xl_32e_2dev_expert2_dense_over_expert bench/step.py --model=ec --num_experts=32 \
+    --num_devices=2 --mesh=fsdp=1,expert=2 --dense_over_expert --batch_size="$BATCH_2"
 else
   echo "== fewer than 2 devices: the 2-device 32-expert benchmarks are skipped"
 fi

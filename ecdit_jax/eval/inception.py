@@ -316,8 +316,10 @@ def make_feature_fn(model: FIDInceptionV3, *,
                     batch_size: int = 50) -> Callable[[np.ndarray], np.ndarray]:
   """A function from images (N, H, W, 3), uint8 or [0, 1] floats, to (N, 2048) float32 features.
 
-  Images go through the network ``batch_size`` at a time, the last batch padded, so the network
-  compiles once per batch size; the resize compiles once per input size.
+  Images go through the network ``batch_size`` at a time; a last, partial batch is padded to the
+  next power of two (at most ``batch_size``), so the network compiles for a few batch sizes at
+  most and never runs more than twice the images it is given. The resize compiles once per
+  input size.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -336,10 +338,11 @@ def make_feature_fn(model: FIDInceptionV3, *,
     outputs = []
     for start in range(0, images.shape[0], batch_size):
       batch = images[start:start + batch_size]
-      padding = batch_size - batch.shape[0]
+      real = batch.shape[0]
+      padding = min(batch_size, 1 << (real - 1).bit_length()) - real
       if padding:
         batch = np.concatenate([batch, np.zeros((padding,) + batch.shape[1:], batch.dtype)])
-      outputs.append(np.asarray(network(state, resize(batch)))[:batch_size - padding])
+      outputs.append(np.asarray(network(state, resize(batch)))[:real])
     if not outputs:
       return np.zeros((0, FEATURE_DIM), np.float32)
     return np.concatenate(outputs).astype(np.float32, copy=False)

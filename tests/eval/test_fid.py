@@ -29,7 +29,7 @@ def pytorch_fid_reference(tmp_path_factory):
 
   rng = np.random.default_rng(2)
   inputs = {
-      # Upsampled; 3 images with a batch size of 2 also exercise the padded last batch.
+      # Upsampled; 3 images with a batch size of 4 also exercise a padded batch (3 -> 4).
       "float_32x32": rng.random((3, 32, 32, 3), dtype=np.float32),
       "uint8_64x64": rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8),
       # Downsampled, with different factors along height and width (no antialiasing).
@@ -46,7 +46,7 @@ def pytorch_fid_reference(tmp_path_factory):
 
 def test_inception_matches_pytorch_fid(pytorch_fid_reference):
   path, inputs, expected = pytorch_fid_reference
-  features = inception.make_feature_fn(inception.load_fid_inception(path), batch_size=2)
+  features = inception.make_feature_fn(inception.load_fid_inception(path), batch_size=4)
   for name, images in inputs.items():
     result = features(images)
     assert result.shape == (images.shape[0], inception.FEATURE_DIM) and result.dtype == np.float32
