@@ -174,7 +174,8 @@ def main(argv=None) -> dict:
       "benchmark": "train_step",
       "name": common.config_name(args, model_config) + (
           "-bf16momentum" if config.momentum_dtype == "bfloat16" else "") + (
-          f"-offload({config.host_offload})" if config.host_offload else ""),
+          f"-offload({config.host_offload})" if config.host_offload else "") + (
+          "-dense_over_expert" if config.mesh.dense_over_expert else ""),
       "model": dataclasses.asdict(config.model),
       "param_count": {"total": params.total, "backbone": params.backbone,
                       "experts": params.experts,
