@@ -44,7 +44,7 @@ from ecdit_jax.model import ModelConfig, flops
 from ecdit_jax.model.counting import count_params
 from ecdit_jax.model.params import abstract_params, init_params
 
-TARGET_RATIO = 1.05  # the EC time / dense time asked for
+TARGET_RATIO = 1.03  # the EC time / dense time asked for (issue 24)
 
 
 def parse_args(argv):

@@ -32,16 +32,26 @@ def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:
   return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
 
 
+def _on_host(x: jax.Array) -> bool:
+  return jax.typeof(x).memory_space == jax.memory.Space.Host
+
+
 def _on_devices_after(grads, *trees):
   """``trees`` in device memory, for use once ``grads`` exist. State kept in host memory
   between steps (config.host_offload) is moved straight from the step's arguments, as XLA's
   host offloading expects, and a barrier holds its uses back until the gradients are done.
   Trees wholly on the devices are returned as they are."""
-  on_host = lambda x: jax.typeof(x).memory_space == jax.memory.Space.Host
-  if not any(on_host(x) for x in jax.tree.leaves(trees)):
+  if not any(_on_host(x) for x in jax.tree.leaves(trees)):
     return trees
   trees = jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), trees)
   return jax.lax.optimization_barrier((grads, trees))[1]
+
+
+def _where_it_was(new, old):
+  """``new`` with each leaf in the memory ``old``'s leaf came from: the step returns its state as
+  it took it (a scan over steps carries it unchanged)."""
+  return jax.tree.map(
+      lambda n, o: jax.device_put(n, jax.memory.Space.Host) if _on_host(o) else n, new, old)
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, null_tokens: jax.Array | None,
@@ -135,8 +145,8 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig,
     new_state = TrainState(
         step=state.step + 1,  # counts batches consumed, including skipped updates
         params=keep_new(params, state.params),
-        ema_params=keep_new(ema, old_ema),
-        opt_state=keep_new(opt_state, old_opt),
+        ema_params=_where_it_was(keep_new(ema, old_ema), state.ema_params),
+        opt_state=_where_it_was(keep_new(opt_state, old_opt), state.opt_state),
         rng=jax.random.key_data(rng))
     metrics = {
         "loss": loss,

@@ -25,7 +25,8 @@ def _config(host_offload):
       **{"model.image_size": 16, "mesh.fsdp": 2, "mesh.data": -1}))
 
 
-def _train(host_offload, steps=3):
+def _train(host_offload, steps=3, per_call=1):
+  """``steps`` steps, ``per_call`` a jitted call (a scan over stacked batches when > 1)."""
   config = _config(host_offload)
   mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:4])
   optimizer = make_optimizer(config)
@@ -34,13 +35,17 @@ def _train(host_offload, steps=3):
   null = np.zeros(config.model.text_max_len, np.int32)
   null[0] = 1
   step = sharding.jit_train_step(make_train_step(graphdef, config, optimizer, null, masked=True),
-                                 shardings, mesh)
+                                 shardings, mesh, stacked=per_call > 1)
   rng = np.random.default_rng(0)
-  for _ in range(steps):
-    batch = {"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32),
-             "tokens": rng.integers(3, 40, (8, config.model.text_max_len)).astype(np.int32)}
-    state, metrics = step(state, sharding.global_batch(batch, mesh))
-  assert not bool(metrics["nonfinite"])
+  batches = [sharding.global_batch(
+      {"image": rng.uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32),
+       "tokens": rng.integers(3, 40, (8, config.model.text_max_len)).astype(np.int32)}, mesh)
+      for _ in range(steps)]
+  for start in range(0, steps, per_call):
+    group = batches[start:start + per_call]
+    state, metrics = step(state, sharding.make_batch_stacker(mesh)(group) if per_call > 1
+                          else group[0])
+  assert not np.any(metrics["nonfinite"])
   return config, mesh, optimizer, state
 
 
@@ -70,6 +75,16 @@ def test_offloaded_state_trains_exactly_as_on_the_devices(tmp_path):
     for r, w in zip(jax.tree.leaves(restored), jax.tree.leaves(want)):
       np.testing.assert_array_equal(np.asarray(r), np.asarray(w))
   checkpointer.close()
+
+
+@pytest.mark.slow  # trains
+def test_several_offloaded_steps_a_call_carry_the_state_in_host_memory():
+  """A scan over steps carries the offloaded parts from step to step in host memory."""
+  *_, want = _train("", steps=2)
+  *_, got = _train("ema,optimizer", steps=2, per_call=2)
+  assert _memory_kinds(got.ema_params) == _memory_kinds(got.opt_state) == {"pinned_host"}
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
