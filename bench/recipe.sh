@@ -24,16 +24,11 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
-OUT="${1:-bench/out}"
-PYTHON="${PYTHON:-python3}"
+. bench/lib.sh "${1:-}"
 BATCH="${BATCH:-4096}"
 RUNS="${RUNS:-block_mb64 none_mb64 dots_mb64 matmuls_mb64 dots_mb128 none_mb32 block_mb128
   none_mb64_offload block_mb64_unrolled dots_mb64_unrolled none_mb64_unrolled_offload}"
-export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
-read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
-mkdir -p "$OUT" || exit 2
 
-FAILED=()
 for run in $RUNS; do
   remat="${run%%_*}"
   IFS=_ read -r -a tags <<< "${run#*_mb}"
@@ -57,18 +52,9 @@ for run in $RUNS; do
   args=(bench/step.py --preset=XL-32E --num_devices=1 --mesh=data=1 --batch_size="$BATCH"
         --grad_accum_steps=$((BATCH / micro)) --scan_layers=$scan --remat="$remat"
         --moe_dispatch=hybrid --momentum_dtype=bfloat16 --host_offload="$offload" --steps=1
-        --windows=2 --warmup=1 "${EXTRA[@]}" --out="$OUT/$name.json")
+        --windows=2 --warmup=1)
   [ -n "${PROFILE:-}" ] && args+=(--profile_dir="$OUT/profile_$name")
-  echo "== $name: $PYTHON ${args[*]}"
-  if ! "$PYTHON" "${args[@]}" 2>&1 | tee "$OUT/$name.log"; then
-    echo "== $name FAILED (see $OUT/$name.log)"
-    FAILED+=("$run")
-  fi
+  run "$name" "${args[@]}"
 done
 
-echo
-"$PYTHON" bench/common.py "$OUT"
-if ((${#FAILED[@]})); then
-  echo "failed: ${FAILED[*]}"
-  exit 1
-fi
+finish

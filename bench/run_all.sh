@@ -28,28 +28,12 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
-OUT="${1:-bench/out}"
-PYTHON="${PYTHON:-python3}"
+. bench/lib.sh "${1:-}"
 BATCH="${BATCH:-64}"
 SAMPLE_BATCH="${SAMPLE_BATCH:-64}"
 SAMPLE_STEPS="${SAMPLE_STEPS:-25}"
 BATCH_2="${BATCH_2:-32}"
 MESHES_2="${MESHES_2:-fsdp=1,expert=2 fsdp=2,expert=1}"
-export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
-read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
-mkdir -p "$OUT" || exit 2
-
-FAILED=()
-# run NAME SCRIPT ARGS...: one benchmark, its output shown and kept in OUT/NAME.log.
-run() {
-  local name="$1"
-  shift
-  echo "== $name: $PYTHON $* ${EXTRA[*]}"
-  if ! "$PYTHON" "$@" "${EXTRA[@]}" --out="$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"; then
-    echo "== $name FAILED (see $OUT/$name.log)"
-    FAILED+=("$name")
-  fi
-}
 
 DEVICES="$("$PYTHON" -c 'import jax; print(jax.device_count())')" || exit 2
 echo "== $DEVICES device(s) visible"
@@ -108,9 +92,4 @@ else
   echo "== fewer than 2 devices: the 2-device 32-expert benchmarks are skipped"
 fi
 
-echo
-"$PYTHON" bench/common.py "$OUT"
-if ((${#FAILED[@]})); then
-  echo "failed: ${FAILED[*]}"
-  exit 1
-fi
+finish
