@@ -8,8 +8,9 @@ encoder's dtype (bfloat16 by default); the padding after them is left out (the D
 Such a directory also holds ``null_context.msgpack``, the empty caption's states padded to the
 full length, and its info.json says which encoder wrote them (``text_context``). A chunk is
 complete only once its empty ``<chunk>.done`` marker exists: the marker is written after the
-writer is closed, so a chunk interrupted mid-write has none and is rewritten on resume. ``info.json`` (written by process 0)
-records the latent shape and dtype, the counts and what the latents were computed from.
+writer is closed, so a chunk interrupted mid-write has none and is rewritten on resume.
+``info.json`` (written by process 0) records the latent shape and dtype, the counts and what the
+latents were computed from.
 
 The directory may be local or in a bucket (gs://...): files are read and written through
 ``etils.epath``, and ArrayRecord reads gs:// chunks itself.

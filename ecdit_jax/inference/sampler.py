@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ecdit_jax.diffusion.samplers import cfg_velocity_fn, sample
 from ecdit_jax.encoders.frozen import shardings_of
 from ecdit_jax.model.config import ModelConfig
+from ecdit_jax.parallel import mesh as mesh_lib
 
 
 def generate(model, tokens: jax.Array, null_tokens: jax.Array, noise: jax.Array, *,
@@ -89,7 +90,8 @@ def make_sampler(graphdef: nnx.GraphDef, model_config: ModelConfig, *, num_steps
 
   @functools.partial(jax.jit, **jit_kwargs)
   def run(params, text_params, vae_params, tokens, null_tokens, seed, indices):
-    model = nnx.merge(graphdef, params)
+    # Parameters kept in host memory (a run's offloaded EMA) are moved to the devices first.
+    model = nnx.merge(graphdef, mesh_lib.to_device_memory(params))
     seed_key = jax.random.key(seed)
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(seed_key, i), shape))(
         indices)

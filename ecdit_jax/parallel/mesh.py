@@ -251,6 +251,18 @@ def tree_shardings(values: Any, logical_specs: Any, mesh: Mesh, rules=RULES) -> 
   return jax.tree.unflatten(treedef, shardings)
 
 
+def in_host_memory(x: Any) -> bool:
+  """Whether ``x`` (an array, or a value being traced) lives in host memory (``pinned_host``)."""
+  return jax.typeof(x).memory_space == jax.memory.Space.Host
+
+
+def to_device_memory(tree: Any) -> Any:
+  """``tree`` with its host-memory leaves moved to device memory; inside a jitted function, a
+  transfer in the program (how state offloaded to the host is brought in for computing)."""
+  return jax.tree.map(
+      lambda x: jax.device_put(x, jax.memory.Space.Device) if in_host_memory(x) else x, tree)
+
+
 def with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying shardings: the target layout of a restore."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

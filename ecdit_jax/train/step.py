@@ -20,6 +20,7 @@ from ecdit_jax.config import TrainConfig
 from ecdit_jax.data import batch as batch_keys
 from ecdit_jax.diffusion import masking, rectified_flow
 from ecdit_jax.model.layers import patchify
+from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.train.optimizer import learning_rate_schedule
 from ecdit_jax.train.state import TrainState
 
@@ -32,26 +33,21 @@ def ema_decay_at(step: jax.Array, max_decay: float) -> jax.Array:
   return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
 
 
-def _on_host(x: jax.Array) -> bool:
-  return jax.typeof(x).memory_space == jax.memory.Space.Host
-
-
 def _on_devices_after(grads, *trees):
   """``trees`` in device memory, for use once ``grads`` exist. State kept in host memory
   between steps (config.host_offload) is moved straight from the step's arguments, as XLA's
   host offloading expects, and a barrier holds its uses back until the gradients are done.
   Trees wholly on the devices are returned as they are."""
-  if not any(_on_host(x) for x in jax.tree.leaves(trees)):
+  if not any(mesh_lib.in_host_memory(x) for x in jax.tree.leaves(trees)):
     return trees
-  trees = jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), trees)
-  return jax.lax.optimization_barrier((grads, trees))[1]
+  return jax.lax.optimization_barrier((grads, mesh_lib.to_device_memory(trees)))[1]
 
 
 def _where_it_was(new, old):
   """``new`` with each leaf in the memory ``old``'s leaf came from: the step returns its state as
   it took it (a scan over steps carries it unchanged)."""
-  return jax.tree.map(
-      lambda n, o: jax.device_put(n, jax.memory.Space.Host) if _on_host(o) else n, new, old)
+  return jax.tree.map(lambda n, o: jax.device_put(n, jax.memory.Space.Host)
+                      if mesh_lib.in_host_memory(o) else n, new, old)
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, null_tokens: jax.Array | None,

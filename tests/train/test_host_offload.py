@@ -11,6 +11,7 @@ import pytest
 
 from ecdit_jax import config as config_lib
 from ecdit_jax.checkpoint import Checkpointer
+from ecdit_jax.inference.sampler import make_sampler
 from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.train import sharding
 from ecdit_jax.train.optimizer import make_optimizer
@@ -128,3 +129,28 @@ def test_lowered_for_accelerators_the_state_moves_in_and_waits_for_the_gradients
   text = jax.export.export(step, platforms=[platform])(
       mesh_lib.with_shardings(abstract, shardings), batch).mlir_module()
   assert "pinned_host" not in text and "optimization_barrier" not in text
+
+
+def test_a_sampler_given_the_offloaded_ema_moves_it_to_the_devices():
+  """Training's sample grids and evaluations sample with the EMA as the state holds it: from
+  host memory the sampler (lowered for GPUs here) brings every parameter to device memory."""
+  config = _config("ema")
+  mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:4])
+  graphdef, abstract = abstract_train_state(config.model, make_optimizer(config), config.seed,
+                                            mesh)
+  shardings = sharding.state_shardings(abstract, config.model, mesh, config.host_offloaded)
+  sampler = make_sampler(graphdef, config.model, num_steps=2, cfg_scale=3.0, method="euler",
+                         param_shardings=shardings.ema_params, mesh=mesh)
+  length = config.model.text_max_len
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)
+  args = (mesh_lib.with_shardings(abstract.ema_params, shardings.ema_params), None, None,
+          spec((2, length), jnp.int32), spec((length,), jnp.int32), spec((), jnp.uint32),
+          spec((2,), jnp.int32))
+  main = jax.export.export(sampler.jitted, platforms=["cuda"])(*args).mlir_module()
+  main = main[main.index("func.func public @main"):]
+  host_args = re.findall(r'(%arg\d+): tensor<[^>]*> \{mhlo.memory_kind = "pinned_host"', main)
+  assert len(host_args) == len(jax.tree.leaves(abstract.ema_params))
+  moved = re.findall(r"annotate_device_placement\((%arg\d+)\)[^\n]*"
+                     r'_xla_buffer_placement = "device"', main)
+  assert sorted(moved) == sorted(host_args)
