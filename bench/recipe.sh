@@ -13,7 +13,8 @@
 # MICRO the micro-batch (grad_accum_steps = 4096 / MICRO). Layers run as a scan over the stacked
 # blocks (a short compile) unless a tag says otherwise. Tags: unrolled (the layers one after
 # the other: a longer compile, a faster step), offload (EMA and optimizer moments in host memory
-# between steps, config.host_offload=ema,optimizer), offloadema (the EMA alone). Each run
+# between steps, config.host_offload=ema,optimizer), offloadema (the EMA alone), castinloop
+# (config.cast_weights_once=False: every micro-batch casts the weights itself). Each run
 # writes OUT_DIR/recipe_<run>.json and .log; one that fails (out of memory, say) is reported
 # and the rest go on; the exit status is 1 if any failed.
 #
@@ -26,8 +27,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 . bench/lib.sh "${1:-}"
 BATCH="${BATCH:-4096}"
-RUNS="${RUNS:-block_mb64 none_mb64 dots_mb64 matmuls_mb64 dots_mb128 none_mb32 block_mb128
-  none_mb64_offload block_mb64_unrolled dots_mb64_unrolled none_mb64_unrolled_offload}"
+# Every micro-batch passes over all the weights (their gradients summed, their slices copied out
+# of the stacks), so fewer, larger micro-batches come early in the list.
+RUNS="${RUNS:-block_mb64 block_mb64_castinloop block_mb256 block_mb512 matmuls_mb64 dots_mb128
+  dots_mb256 none_mb64_offload none_mb32 block_mb64_unrolled dots_mb64_unrolled
+  none_mb64_unrolled_offload none_mb64 dots_mb64 block_mb128}"
 
 for run in $RUNS; do
   remat="${run%%_*}"
@@ -35,9 +39,11 @@ for run in $RUNS; do
   micro="${tags[0]}"
   scan=true
   offload=
+  cast_once=true
   for tag in "${tags[@]:1}"; do
     case "$tag" in
       unrolled) scan=false ;;
+      castinloop) cast_once=false ;;
       offload) offload=ema,optimizer ;;
       offloadema) offload=ema ;;
       *) micro=bad ;;
@@ -51,7 +57,8 @@ for run in $RUNS; do
   name="recipe_$run"
   args=(bench/step.py --preset=XL-32E --num_devices=1 --mesh=data=1 --batch_size="$BATCH"
         --grad_accum_steps=$((BATCH / micro)) --scan_layers=$scan --remat="$remat"
-        --moe_dispatch=hybrid --momentum_dtype=bfloat16 --host_offload="$offload" --steps=1
+        --moe_dispatch=hybrid --momentum_dtype=bfloat16 --host_offload="$offload"
+        --cast_weights_once=$cast_once --steps=1
         --windows=2 --warmup=1)
   [ -n "${PROFILE:-}" ] && args+=(--profile_dir="$OUT/profile_$name")
   run "$name" "${args[@]}"

@@ -73,6 +73,9 @@ def parse_args(argv):
                            "divide --steps")
   parser.add_argument("--momentum_dtype", default=None, choices=("float32", "bfloat16"),
                       help="override config.momentum_dtype (the optimizer's momentum trace)")
+  parser.add_argument("--cast_weights_once", choices=("true", "false"), default=None,
+                      help="override config.cast_weights_once: the weights cast to the compute "
+                           "dtype once a step (true) or in every micro-batch (false)")
   parser.add_argument("--host_offload", default=None,
                       help="override config.host_offload: state parts kept in host memory "
                            "between steps, e.g. ema,optimizer")
@@ -111,6 +114,9 @@ def main(argv=None) -> dict:
                           momentum_dtype=args.momentum_dtype or config.momentum_dtype,
                           host_offload=(config.host_offload if args.host_offload is None
                                         else args.host_offload),
+                          cast_weights_once=(config.cast_weights_once
+                                             if args.cast_weights_once is None
+                                             else args.cast_weights_once == "true"),
                           mesh=dataclasses.replace(mesh_lib.MeshConfig.parse(args.mesh),
                                                    dense_over_expert=args.dense_over_expert))
   model_config = config.model
@@ -175,6 +181,7 @@ def main(argv=None) -> dict:
       "name": common.config_name(args, model_config) + (
           "-bf16momentum" if config.momentum_dtype == "bfloat16" else "") + (
           f"-offload({config.host_offload})" if config.host_offload else "") + (
+          "" if config.cast_weights_once else "-cast_in_loop") + (
           "-dense_over_expert" if config.mesh.dense_over_expert else ""),
       "model": dataclasses.asdict(config.model),
       "param_count": {"total": params.total, "backbone": params.backbone,
@@ -184,6 +191,7 @@ def main(argv=None) -> dict:
       "grad_accum_steps": config.grad_accum_steps,
       "momentum_dtype": config.momentum_dtype,
       "host_offload": config.host_offload,
+      "cast_weights_once": config.cast_weights_once,
       "mask_ratio": mask_ratio,
       "tokens_per_image": tokens or model_config.num_tokens,
       "mesh": dict(mesh.shape),

@@ -219,6 +219,10 @@ class TrainConfig:
   # Optimisation: RMSProp with momentum (as in the paper), linear warmup, clipping, decay.
   batch_size: int = 32  # global batch; split over processes, devices and accumulation steps
   grad_accum_steps: int = 1
+  # Cast the weights to the compute dtype once a step, before the micro-batches, rather than in
+  # every micro-batch's forward pass: the same results, one pass over the weights a step where
+  # XLA leaves the casts in the loop, for their compute-dtype copy held through the step.
+  cast_weights_once: bool = True
   num_train_steps: int = 10_000
   # RMSProp with momentum 0.9 takes steps ~1/(1 - 0.9) = 10x the learning rate in size, so
   # 3e-4 here is comparable to Adam at 3e-3; 1e-3 and above train worse or diverge.
@@ -303,6 +307,8 @@ def _validate(c: TrainConfig) -> None:
       part in HOST_OFFLOADS for part in c.host_offloaded),
          f"config.host_offload={c.host_offload!r} must list parts of {HOST_OFFLOADS}, "
          "comma-separated, or be empty")
+  _check(isinstance(c.cast_weights_once, bool),
+         f"config.cast_weights_once={c.cast_weights_once!r} must be True or False")
   _check(0 <= c.momentum < 1, f"config.momentum={c.momentum} must be in [0, 1)")
   _check(0 <= c.ema_decay < 1, f"config.ema_decay={c.ema_decay} must be in [0, 1)")
   _check(c.grad_clip_norm >= 0, f"config.grad_clip_norm={c.grad_clip_norm} must be >= 0")

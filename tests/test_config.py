@@ -49,6 +49,7 @@ def test_t2i_256_needs_its_latents_and_weights_named(variant):
     ("diffusion.mask_ratio", 1.0, r"config\.diffusion\.mask_ratio=1\.0"),
     ("host_offload", "ema,params", r"config\.host_offload='ema,params' must list parts of"),
     ("mesh.dense_over_expert", "yes", r"config\.mesh\.dense_over_expert='yes' must be True or"),
+    ("cast_weights_once", 1, r"config\.cast_weights_once=1 must be True or False"),
 ])
 def test_bad_values_name_the_key(key, value, message):
   mapping = config_lib.config_dict().to_dict()

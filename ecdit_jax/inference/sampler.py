@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ecdit_jax.diffusion.samplers import cfg_velocity_fn, sample
 from ecdit_jax.encoders.frozen import shardings_of
 from ecdit_jax.model.config import ModelConfig
+from ecdit_jax.model.layer_stacking import params_for_compute
 from ecdit_jax.parallel import mesh as mesh_lib
 
 
@@ -90,8 +91,10 @@ def make_sampler(graphdef: nnx.GraphDef, model_config: ModelConfig, *, num_steps
 
   @functools.partial(jax.jit, **jit_kwargs)
   def run(params, text_params, vae_params, tokens, null_tokens, seed, indices):
-    # Parameters kept in host memory (a run's offloaded EMA) are moved to the devices first.
-    model = nnx.merge(graphdef, mesh_lib.to_device_memory(params))
+    # Parameters kept in host memory (a run's offloaded EMA) are moved to the devices first;
+    # the weights are cast to the compute dtype once, not in every ODE step.
+    model = nnx.merge(graphdef, params_for_compute(mesh_lib.to_device_memory(params),
+                                                   model_config.compute_dtype))
     seed_key = jax.random.key(seed)
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(seed_key, i), shape))(
         indices)

@@ -19,6 +19,7 @@ from flax import nnx
 from ecdit_jax.config import TrainConfig
 from ecdit_jax.data import batch as batch_keys
 from ecdit_jax.diffusion import masking, rectified_flow
+from ecdit_jax.model.layer_stacking import params_for_compute
 from ecdit_jax.model.layers import patchify
 from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.train.optimizer import learning_rate_schedule
@@ -119,10 +120,16 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig,
     micro = jax.tree.map(
         lambda x: jnp.swapaxes(x.reshape(batch_size // accum, accum, *x.shape[1:]), 0, 1), batch)
 
+    # With cfg.cast_weights_once the micro-batches differentiate the weights as the model
+    # computes with them (params_for_compute), cast before the loop: same gradients, cast back
+    # to the parameters' dtype as they are summed.
+    params = (params_for_compute(state.params, cfg.model.compute_dtype)
+              if cfg.cast_weights_once else state.params)
+
     def accumulate(grad_sum, inputs):
       index, micro_batch = inputs
-      grads, (loss, aux) = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, index))
-      return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
+      grads, (loss, aux) = grad_fn(params, micro_batch, jax.random.fold_in(step_rng, index))
+      return jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grad_sum, (losses, auxes) = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))

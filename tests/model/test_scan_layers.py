@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from ecdit_jax.model import ConfigError, TextToImageDiT
-from ecdit_jax.model.layer_stacking import (cast_for_compute, stack_block_params,
-                                            unstack_block_params)
+from ecdit_jax.model.layer_stacking import (cast_for_compute, params_for_compute,
+                                            stack_block_params, unstack_block_params)
 from ecdit_jax.parallel import axes
 from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.model.params import to_pure_dict
@@ -178,3 +178,23 @@ def test_a_depth_the_pattern_does_not_divide_names_the_keys():
   tiny_model_config(num_layers=3, scan_layers=True, moe_layout="every")  # a pattern of one block
   with pytest.raises(ConfigError, match=r"config\.model\.scan_layers"):
     tiny_model_config(scan_layers="yes")
+
+
+def test_the_whole_tree_cast_agrees_in_both_layouts_and_with_the_stacked_blocks_cast():
+  """params_for_compute (the step's and the sampler's cast, once per call) casts the same weights
+  in either layout, and, stacked, those that scan_blocks casts before its scan."""
+  config = tiny_model_config(num_layers=4, scan_layers=True, dtype="bfloat16")
+  model = TextToImageDiT(config, rngs=nnx.Rngs(0))
+  stacked = _params(model)
+  cast = params_for_compute(stacked, jnp.bfloat16)
+  unrolled_cast = params_for_compute(_unstacked(stacked), jnp.bfloat16)
+  dtypes = lambda tree: jax.tree.map(lambda x: x.dtype, tree)
+  assert dtypes(_stacked(unrolled_cast, config.layer_period)) == dtypes(cast)
+  for j, block in enumerate(model.dit.stacked_blocks):
+    by_scan = to_pure_dict(cast_for_compute(nnx.state(block, nnx.Param), jnp.bfloat16))
+    assert dtypes(by_scan) == dtypes(cast["dit"]["stacked_blocks"][j])
+  assert cast["dit"]["stacked_blocks"][1]["ffn"]["router"]["kernel"].dtype == jnp.float32
+  assert cast["text_encoder"]["token_embed"]["embedding"].dtype == jnp.bfloat16
+  assert cast["text_encoder"]["final_norm"]["scale"].dtype == jnp.float32
+  for x, c in zip(jax.tree.leaves(stacked), jax.tree.leaves(cast)):
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(x.astype(c.dtype)))
