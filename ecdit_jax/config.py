@@ -219,9 +219,10 @@ class TrainConfig:
   # Optimisation: RMSProp with momentum (as in the paper), linear warmup, clipping, decay.
   batch_size: int = 32  # global batch; split over processes, devices and accumulation steps
   grad_accum_steps: int = 1
-  # Cast the weights to the compute dtype once a step, before the micro-batches, rather than in
-  # every micro-batch's forward pass: the same results, one pass over the weights a step where
-  # XLA leaves the casts in the loop, for their compute-dtype copy held through the step.
+  # With several micro-batches, cast the weights to the compute dtype once a step, before them,
+  # rather than in every micro-batch's forward pass: the same results, one pass over the weights
+  # a step where XLA leaves the casts in the loop, for their compute-dtype copy held through the
+  # step.
   cast_weights_once: bool = True
   num_train_steps: int = 10_000
   # RMSProp with momentum 0.9 takes steps ~1/(1 - 0.9) = 10x the learning rate in size, so

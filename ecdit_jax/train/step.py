@@ -120,11 +120,11 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig,
     micro = jax.tree.map(
         lambda x: jnp.swapaxes(x.reshape(batch_size // accum, accum, *x.shape[1:]), 0, 1), batch)
 
-    # With cfg.cast_weights_once the micro-batches differentiate the weights as the model
-    # computes with them (params_for_compute), cast before the loop: same gradients, cast back
-    # to the parameters' dtype as they are summed.
+    # With cfg.cast_weights_once and several micro-batches, they differentiate the weights as
+    # the model computes with them (params_for_compute), cast before the loop: same gradients,
+    # cast back to the parameters' dtype as they are summed.
     params = (params_for_compute(state.params, cfg.model.compute_dtype)
-              if cfg.cast_weights_once else state.params)
+              if cfg.cast_weights_once and accum > 1 else state.params)
 
     def accumulate(grad_sum, inputs):
       index, micro_batch = inputs
