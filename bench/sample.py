@@ -39,6 +39,7 @@ import numpy as np
 import trace_summary
 
 from ecdit_jax.data.tokenizer import pad_ids
+from ecdit_jax.inference import sampler as sampler_lib
 from ecdit_jax.inference.sampler import make_sampler
 from ecdit_jax.model import ModelConfig, flops
 from ecdit_jax.model.counting import count_params
@@ -57,6 +58,10 @@ def parse_args(argv):
   parser.add_argument("--calls", type=int, default=2, help="sampler calls per timed window")
   parser.add_argument("--dense_width_multiple", type=int, default=128,
                       help="round the matched dense FFN width to this multiple")
+  parser.add_argument("--cast_weights_once", choices=("true", "false"), default="true",
+                      help="false: the samplers leave the weights as they are, so the model "
+                           "casts them to the compute dtype in every ODE step (the sampler "
+                           "before it cast them once), to time what the cast costs")
   parser.add_argument("--profile_dir", default=None,
                       help="trace one more call of each sampler into DIR/<model> and summarise "
                            "it per ODE step; the compiled HLO goes there too")
@@ -145,6 +150,8 @@ def main(argv=None) -> dict:
   if abs(flop_diff) > 0.01:
     print("warning: the matched dense model is more than 1% off; lower --dense_width_multiple")
 
+  if args.cast_weights_once == "false":
+    sampler_lib.params_for_compute = lambda params, dtype: params
   rng = np.random.default_rng(args.seed)
   tokens = jax.device_put(common.synthetic_tokens(rng, args.batch_size, moe_config.text_max_len,
                                                   moe_config.text_vocab_size))
@@ -182,11 +189,13 @@ def main(argv=None) -> dict:
   pair_ratios = [a / b for a, b in zip(benches[0].seconds, benches[1].seconds)]
   record = {
       "benchmark": "sampling",
-      "name": common.config_name(args, moe_config),
+      "name": common.config_name(args, moe_config) + (
+          "" if args.cast_weights_once == "true" else "-cast_in_loop"),
       "batch_size": args.batch_size,
       "num_steps": args.num_steps,
       "cfg_scale": args.cfg_scale,
       "method": args.method,
+      "cast_weights_once": args.cast_weights_once == "true",
       "capacity_factor": args.capacity_factor,
       "calls_per_window": args.calls,
       "warmup_calls": args.warmup,
