@@ -44,6 +44,7 @@ from ecdit_jax.inference.sampler import make_sampler
 from ecdit_jax.model import ModelConfig, flops
 from ecdit_jax.model.counting import count_params
 from ecdit_jax.model.params import abstract_params, init_params
+from ecdit_jax.train.profiling import profile_options
 
 TARGET_RATIO = 1.03  # the EC time / dense time asked for (issue 24)
 
@@ -170,7 +171,8 @@ def main(argv=None) -> dict:
     profiles = {}
     for bench in benches:
       path = os.path.join(args.profile_dir, bench.name)
-      with jax.profiler.trace(path, create_perfetto_trace=True):
+      with jax.profiler.trace(path, create_perfetto_trace=True,
+                              profiler_options=profile_options()):
         bench.call_window(1)
       hlo_text = bench.compiled.as_text()
       common.write_text(os.path.join(path, "optimized_hlo.txt.gz"), hlo_text)  # for reading

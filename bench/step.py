@@ -50,6 +50,7 @@ from ecdit_jax.model.counting import count_params
 from ecdit_jax.parallel import mesh as mesh_lib
 from ecdit_jax.train import sharding
 from ecdit_jax.train.optimizer import make_optimizer
+from ecdit_jax.train.profiling import profile_options
 from ecdit_jax.train.step import make_train_step
 
 
@@ -159,7 +160,8 @@ def main(argv=None) -> dict:
   seconds = common.timed_windows(window, args.windows)
   profile = None
   if args.profile_dir:
-    with jax.profiler.trace(args.profile_dir, create_perfetto_trace=True):
+    with jax.profiler.trace(args.profile_dir, create_perfetto_trace=True,
+                            profiler_options=profile_options()):
       window()
     profile = trace_summary.summarize(trace_summary.load_events(args.profile_dir), args.steps,
                                       sources=hlo_sources.parse(hlo_text))

@@ -18,6 +18,17 @@ from etils import epath
 from ecdit_jax.train.metrics import log_line
 
 
+def profile_options() -> jax.profiler.ProfileOptions:
+  """The tracers of every trace the project takes: the devices' ops and XLA's host activity.
+  jax's Python tracer stays off. It records every Python call of every thread (the data
+  loader's, the checkpointer's, the metric writer's), which no summary here reads, and it is the
+  part of the profiler that hooks into those threads; with it on, a training run's stop_trace
+  ended in a segmentation fault."""
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  return options
+
+
 class ProfileWindow:
   """Starts a trace before step ``first`` and stops it after step ``first + num_steps - 1``."""
 
@@ -36,7 +47,8 @@ class ProfileWindow:
     # Calls of several steps (config.steps_per_call) may start past ``first``.
     if self._enabled and step >= self.first and not self.active:
       self.directory.mkdir(parents=True, exist_ok=True)
-      jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+      jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True,
+                               profiler_options=profile_options())
       self._started_at, self._started_step = time.perf_counter(), step
 
   def after_step(self, done: int, state) -> None:

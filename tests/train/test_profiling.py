@@ -1,6 +1,8 @@
 """config.profile: a trace of a window of training steps, stopped even when the run ends first."""
 
 import glob
+import gzip
+import json
 import os
 
 import jax.numpy as jnp
@@ -27,6 +29,12 @@ def test_profile_window_cut_short_by_the_end_of_the_run(data_dir, tmp_path):
   # Both files are written when the trace stops.
   assert any(name.endswith(".xplane.pb") for name in names), names
   assert "perfetto_trace.json.gz" in names
+  # XLA's work is traced, jax's Python tracer is off (its events are named "$file:line name").
+  perfetto = next(path for path in traces if path.endswith("perfetto_trace.json.gz"))
+  with gzip.open(perfetto) as f:
+    events = [e.get("name", "") for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+  assert any("train_step" in name for name in events), events[:20]
+  assert not [name for name in events if name.startswith("$")]
 
 
 def test_a_window_opened_by_a_later_call_reports_the_steps_it_traced(tmp_path, capsys):
