@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow  # trains, or runs the tools: CI runs it, the fast
 
 
 def test_profile_window_cut_short_by_the_end_of_the_run(data_dir, tmp_path):
-  # A run of its own, as a user starts it: a profiler session shares its process with every
-  # thread the earlier tests left behind, and the trace is written at stop_trace.
+  # A run of its own, as a user starts it: a native crash in the profiler fails this test
+  # instead of ending the whole test session.
   workdir = str(tmp_path / "run")
   # Steps 0-3 run; the window asks for steps 2-6, so the end of the run has to close it.
   result = run_ok(["ecdit_jax.main", "--config=configs/default.py", f"--workdir={workdir}",
