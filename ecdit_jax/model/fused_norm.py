@@ -26,6 +26,7 @@ activations are split along; the model width is never split in activations.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -126,9 +127,10 @@ def _layout(x: jax.Array, gpu: bool) -> tuple[int, int, tuple[int, int]]:
   """(rows a program takes, width it computes on, grid) for x (B, S, d). Blocks are always the
   exact width d; on GPUs the kernel loads them widened to a power of two (masked)."""
   b, s, d = x.shape
-  rows = GPU_ROWS if gpu else OTHER_ROWS
-  if s % rows:
-    rows = s  # a whole image a program: always a legal block
+  if gpu:  # Triton's blocks are a power of two tall: the largest one up to GPU_ROWS dividing s
+    rows = math.gcd(s, GPU_ROWS)
+  else:
+    rows = OTHER_ROWS if s % OTHER_ROWS == 0 else s  # else a whole image: always a legal block
   width = pl.next_power_of_2(d) if gpu else d
   return rows, width, (b, s // rows)
 

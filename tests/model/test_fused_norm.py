@@ -151,10 +151,13 @@ def _pallas_calls(jaxpr):
 
 
 @pytest.mark.parametrize("widen", [False, True], ids=["exact", "widened"])
-def test_every_block_tiles_its_array(widen):
+@pytest.mark.parametrize("shape", [(2, 16, 48), (3, 100, 40)])
+def test_every_block_tiles_its_array(widen, shape):
   """No block reaches past its array: on a GPU the widened values are masked loads and stores
-  of exact blocks, never wider blocks (which Triton would read and write out of bounds)."""
-  x, shift, scale, _ = _inputs((2, 16, 48))
+  of exact blocks, never wider blocks (which Triton would read and write out of bounds). On a
+  GPU every block is also a power of two tall (Triton's values are a power of two in every
+  dimension; the width is widened in the kernel), also for images of 100 tokens."""
+  x, shift, scale, _ = _inputs(shape)
   loss = lambda *a: jnp.sum(fused_norm.norm_modulate(*a, eps=EPS, interpret=True, widen=widen))
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, shift, scale).jaxpr
   calls = list(_pallas_calls(jaxpr))
@@ -164,6 +167,8 @@ def test_every_block_tiles_its_array(widen):
       sizes = [getattr(dim, "block_size", 1) for dim in block.block_shape]
       for size, extent in zip(sizes, block.array_aval.shape):
         assert extent % size == 0, (sizes, block.array_aval.shape)
+      if widen:
+        assert all(size & (size - 1) == 0 for size in sizes[:-1]), sizes
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernels need a GPU")
