@@ -33,6 +33,7 @@ import numpy as np
 
 from configs import default as default_config
 from configs import ecdit as ecdit_config
+from ecdit_jax import jax_settings
 from ecdit_jax.config import TrainConfig
 
 MODELS = ("ec", "dense", "tc")
@@ -249,6 +250,7 @@ def environment(devices) -> dict[str, Any]:
       "device_kind": devices[0].device_kind,
       "num_devices": len(devices),
       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+      "jax_settings": {name: getattr(jax.config, name, None) for name in jax_settings.DEFAULTS},
   }
 
 

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 import trace_summary
 
+from ecdit_jax import jax_settings
 from ecdit_jax.data.tokenizer import pad_ids
 from ecdit_jax.inference import sampler as sampler_lib
 from ecdit_jax.inference.sampler import make_sampler
@@ -136,6 +137,7 @@ class SamplerBench:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  jax_settings.apply()  # as every tool of the package runs
   moe_config = common.build_config(args).model
   if moe_config.moe_layout == "none":
     raise SystemExit("sample.py compares an MoE model with its FLOP-matched dense model: pick "

@@ -43,6 +43,7 @@ import numpy as np
 import trace_summary
 
 from ecdit_jax import config as config_lib
+from ecdit_jax import jax_settings
 from ecdit_jax.data.tokenizer import pad_ids
 from ecdit_jax.diffusion.masking import num_kept_tokens
 from ecdit_jax.model import ModelConfig, flops
@@ -107,6 +108,7 @@ def synthetic_batch(model_config: ModelConfig, batch_size: int, seed: int) -> di
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  jax_settings.apply()  # as every tool of the package runs
   config = common.build_config(args)
   diffusion = config.diffusion
   if args.mask_ratio is not None:

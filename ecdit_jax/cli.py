@@ -4,7 +4,8 @@
 work) prints as ``error: MESSAGE`` on stderr and exits with status 2 (a usage error), without
 a traceback.
 Every tool takes ``--coordinator_address --num_processes --process_id`` and joins the job
-(``parallel.distributed``) before JAX starts, so each runs on a pod's or cluster's devices.
+(``parallel.distributed``) before JAX starts, so each runs on a pod's or cluster's devices,
+with the project's JAX settings (``jax_settings``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 
 from absl import app, flags, logging
 
+from ecdit_jax import jax_settings
 from ecdit_jax.errors import ConfigError
 from ecdit_jax.parallel import distributed
 
@@ -26,7 +28,9 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 
 
 def start_processes() -> str:
-  """Joins the job's other processes (see ``parallel.distributed``); returns how."""
+  """Applies the project's JAX settings (``jax_settings``) and joins the job's other processes
+  (see ``parallel.distributed``); returns how it joined."""
+  jax_settings.apply()
   how = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
   if how != "single process":
