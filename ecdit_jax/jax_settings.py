@@ -1,5 +1,6 @@
 """The JAX settings every tool of the project runs with, applied as a process starts
-(``cli.start_processes`` for the command-line tools, ``bench/common.py`` for the benchmarks).
+(``cli.start_processes`` for the command-line tools; ``bench/step.py`` and ``bench/sample.py``
+for the benchmarks).
 
 - ``jax_threefry_gpu_kernel_lowering``: on GPUs each ``threefry2x32`` (the hash behind every
   ``jax.random`` draw) lowers to one CUDA kernel instead of a long chain of XLA integer ops. It
