@@ -6,9 +6,8 @@ for the benchmarks).
   ``jax.random`` draw) lowers to one CUDA kernel instead of a long chain of XLA integer ops. It
   is the same primitive, so the same bits; what changes is compile time. Initialising a train
   state draws hundreds of random arrays in one jitted program (about 580 threefry expansions for
-  EC-XL-8E): on one H100 that init took 10.0 s with the kernel and 48.0 s without, most of it
-  compiling, with the same peak memory (bench/records/2026-12-05_h100_threefry-init-and-sampling).
-  The kernel writes each draw's bits to memory before they are transformed, a transient of the
+  EC-XL-8E), whose compile this shortens several-fold (measured in
+  bench/records/2026-12-05_h100_threefry-init-and-sampling). The kernel writes each draw's bits to memory before they are transformed, a transient of the
   size of the largest array drawn (per device). It does nothing on CPUs and TPUs.
 
 A setting named in the environment (e.g. ``JAX_THREEFRY_GPU_KERNEL_LOWERING=0``) is left as the
@@ -24,15 +23,12 @@ import jax
 DEFAULTS = {"jax_threefry_gpu_kernel_lowering": True}
 
 
-def apply() -> dict[str, object]:
-  """Sets each of ``DEFAULTS`` that the environment does not set; returns those it set."""
-  applied = {}
+def apply() -> None:
+  """Sets each of ``DEFAULTS`` that the environment does not set."""
   for name, value in DEFAULTS.items():
     if name.upper() in os.environ:
       continue
     try:
       jax.config.update(name, value)
     except AttributeError:  # a jax without this option: nothing to set
-      continue
-    applied[name] = value
-  return applied
+      pass
