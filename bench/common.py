@@ -241,6 +241,21 @@ def peak_memory_bytes(devices) -> int | None:
   return max(peaks) if peaks else None
 
 
+def compiled_memory(compiled) -> dict[str, int] | None:
+  """XLA's memory plan of a compiled function (bytes per device): its arguments, outputs, the
+  temporaries and what outputs reuse of the arguments; None where the backend gives none."""
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001  (not every backend implements it)
+    return None
+  if analysis is None:
+    return None
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "alias_size_in_bytes", "host_argument_size_in_bytes", "host_temp_size_in_bytes")
+  return {name.removesuffix("_in_bytes"): int(getattr(analysis, name))
+          for name in fields if hasattr(analysis, name)}
+
+
 def environment(devices) -> dict[str, Any]:
   import jaxlib  # pylint: disable=import-outside-toplevel
   return {

@@ -218,6 +218,7 @@ def main(argv=None) -> dict:
       "matmul_reference": matmul,
       "mfu": model_tflops / (matmul["tflops"] * len(devices)),
       "peak_bytes_in_use": peak,
+      "compiled_memory": common.compiled_memory(compiled),
       "final_loss": loss,
       "final_step_nonfinite": nonfinite,
       "profile": profile,

@@ -31,6 +31,8 @@ def test_step_benchmark_writes_a_record_and_a_profile(tmp_path):
   assert record["model"]["moe_dispatch"] == "einsum"
   assert record["images_per_s"] > 0 and record["compile_s"] > 0
   assert not record["final_step_nonfinite"]
+  memory = record["compiled_memory"]  # the state is donated: the outputs reuse its buffers
+  assert 0 < memory["alias_size"] <= memory["argument_size"] and memory["temp_size"] > 0
   assert record["profile"]["op_time_us_per_step"] > 0
   assert any(r["source"].startswith("ecdit_jax/model/") for r in record["profile"]["top_sources"])
   with gzip.open(tmp_path / "step.hlo.gz", "rt") as f:
