@@ -4,7 +4,7 @@
 # bfloat16, with each remat policy and micro-batch size. Run from anywhere:
 #
 #   bash bench/recipe.sh [OUT_DIR]            # default bench/out; every lever below
-#   RUNS="block_mb64 none_mb64_unrolled_offload" bash bench/recipe.sh OUT   # only these
+#   RUNS="block_mb512 block_mb1024_unrolled" bash bench/recipe.sh OUT   # only these
 #   EXTRA_ARGS=--smoke bash bench/recipe.sh bench/out_smoke  # tiny model, e.g. on a CPU
 #
 # A run is REMAT_mbMICRO[_TAG...]: REMAT is the model's remat policy (block: every block
@@ -28,10 +28,12 @@ cd "$(dirname "$0")/.." || exit 2
 . bench/lib.sh "${1:-}"
 BATCH="${BATCH:-4096}"
 # Every micro-batch passes over all the weights (their gradients summed, their slices copied out
-# of the stacks), so fewer, larger micro-batches come early in the list.
-RUNS="${RUNS:-block_mb64 block_mb64_castinloop block_mb256 block_mb512 matmuls_mb64 dots_mb128
-  dots_mb256 none_mb64_offload none_mb32 block_mb64_unrolled dots_mb64_unrolled
-  none_mb64_unrolled_offload none_mb64 dots_mb64 block_mb128}"
+# of the stacks), so the fewest, largest micro-batches that fit win: on one H200 block remat with
+# unrolled layers at 1024 and 512 images, then the scan at 512 (records/
+# 2026-12-05_h200_recipe-micro-batch-and-unrolled). The winners come first, then the other levers.
+RUNS="${RUNS:-block_mb1024_unrolled block_mb512_unrolled block_mb512 block_mb256 block_mb64
+  block_mb64_castinloop matmuls_mb64 dots_mb128 block_mb1024_offloadema dots_mb256_offload
+  none_mb64_offload none_mb64_unrolled_offload}"
 
 for run in $RUNS; do
   remat="${run%%_*}"
