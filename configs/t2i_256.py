@@ -33,10 +33,14 @@ them, and the latents, from local paths: on a pod or cluster, a filesystem every
     --config.pretrained.text_encoder=/data/t5-v1_1-xxl --config.pretrained.vae=/data/sd-vae-ft-ema \
     --config.mesh.expert=8
 
-   or on one host with 8 GPUs (the batch of 4096 in 8 accumulation steps):
+   or on one host with GPUs. The batch of 4096 is split over the GPUs and then over
+   config.grad_accum_steps micro-batches; take the fewest steps that fit, since each micro-batch
+   passes over all the weights. On one H200, 4 steps (1024 images each) ran fastest and 8 took
+   113 GiB (bench/RESULTS.md). With 8 GPUs sharing the state (fsdp), 1 step puts 512 images on
+   each; that is sized from the one-GPU memory plan, not yet run on 8 GPUs:
 
   python -m ecdit_jax.main --config=configs/t2i_256.py:XL-32E --workdir=/data/runs/t2i_xl32e \
-      --config.data.dataset=latents:/data/latents/mine --config.grad_accum_steps=8 \
+      --config.data.dataset=latents:/data/latents/mine --config.grad_accum_steps=1 \
       --config.pretrained.text_encoder=/data/t5-v1_1-xxl --config.pretrained.vae=/data/sd-vae-ft-ema
 
 3. Sample (PNGs at 256x256, decoded by the run's VAE):
@@ -71,13 +75,18 @@ from ecdit_jax.config import DEFAULT_PROMPTS, config_dict
 from ecdit_jax.model.presets import model_overrides
 
 VARIANTS = ("XL-32E", "XXL-32E", "3XL-32E", "M-64E")
-# Rematerialisation: the XL blocks keep their matmul outputs; the larger ones recompute blocks.
-REMAT = {"XL-32E": "dots", "XXL-32E": "block", "3XL-32E": "block", "M-64E": "block"}
-# Scan over layers where the blocks are recomputed anyway: it compiles several times faster and
-# costs little throughput with block remat, more when matmul outputs are kept
-# (bench/records/2026-11-26_h100_scan-over-layers/).
-# Workdirs of these variants saved unrolled resume with --config.model.scan_layers=False.
-SCAN_LAYERS = {variant: remat == "block" for variant, remat in REMAT.items()}
+# Rematerialisation: every variant recomputes its blocks in the backward pass. Memory kept for
+# matmul outputs is memory taken from the micro-batch, and larger micro-batches won: on one H200
+# XL-32E's step ran at 338.4 model TFLOP/s with block remat at 1024 images a micro-batch, against
+# 272.4 keeping matmul outputs at 128, the most that fit
+# (bench/records/2026-12-05_h200_recipe-micro-batch-and-unrolled/).
+REMAT = {variant: "block" for variant in VARIANTS}
+# Scan over layers for the larger variants: it compiles several times faster
+# (bench/records/2026-11-26_h100_scan-over-layers/). XL-32E stays unrolled: its step was 5% faster
+# and used 13 GiB less memory than the scan at the same micro-batch (the record above), for
+# about 100 s of compile instead of 30. A checkpoint keeps its layout: a workdir saved with the
+# other one resumes with --config.model.scan_layers=True or False.
+SCAN_LAYERS = {"XL-32E": False, "XXL-32E": True, "3XL-32E": True, "M-64E": True}
 T5_V1_1_XXL_WIDTH = 4096
 TEXT_MAX_LEN = 120  # as PixArt-alpha: long enough for most dense captions
 
