@@ -126,16 +126,17 @@ def summarize(events: list[dict], steps: int = 1, top: int = 15, sources=None) -
   for e in ops:
     args = e.get("args", {})
     details = " ".join(str(args.get(k, "")) for k in ("hlo_op", "long_name", "hlo_category"))
+    kind = kind_of(e["name"], details)
     by_name[e["name"]] += e["dur"]
-    by_kind[kind_of(e["name"], details)] += e["dur"]
+    by_kind[kind] += e["dur"]
     per_device[e["pid"]].append((e["ts"], e["ts"] + e["dur"]))
     if sources is not None:
       instruction = _instruction_of(e, sources)
       if instruction is None:
         unmatched += e["dur"]
-        key = ("?", f"(kernel named nowhere in the HLO: {kind_of(e['name'], details)})")
-      else:
-        key = (sources.phase(instruction), sources.source(instruction))
+        key = ("?", "(kernel named nowhere in the HLO)", kind)
+      else:  # by kind too: one line's matmul (e.g. a Triton GEMM fusion) apart from its fusions
+        key = (sources.phase(instruction), sources.source(instruction), kind)
       by_source[key] += e["dur"]
   total = sum(by_name.values())
   busy = [_union_length(v) for v in per_device.values()]
@@ -154,8 +155,9 @@ def summarize(events: list[dict], steps: int = 1, top: int = 15, sources=None) -
   }
   if sources is not None:
     summary["top_sources"] = [
-        {"phase": phase, "source": source, "us_per_step": v / steps, "share": v / total}
-        for (phase, source), v in by_source.most_common(top)]
+        {"phase": phase, "source": source, "kind": kind, "us_per_step": v / steps,
+         "share": v / total}
+        for (phase, source, kind), v in by_source.most_common(top)]
     summary["unmatched_share"] = unmatched / total
   return summary
 
@@ -171,10 +173,10 @@ def format_summary(summary: dict) -> str:
   lines += [f"| {r['name'][:80]} | {r['us_per_step']:.0f} | {r['share']:.1%} |"
             for r in summary["top_ops"]]
   if "top_sources" in summary:
-    lines += ["", f"| pass | source line | us/step | share |  (ops not found in the HLO: "
-                  f"{summary['unmatched_share']:.1%} of the time)", "|---|---|---|---|"]
-    lines += [f"| {r['phase']} | {r['source'][:90]} | {r['us_per_step']:.0f} | {r['share']:.1%} |"
-              for r in summary["top_sources"]]
+    lines += ["", f"| pass | source line | kind | us/step | share |  (ops not found in the "
+                  f"HLO: {summary['unmatched_share']:.1%} of the time)", "|---|---|---|---|---|"]
+    lines += [f"| {r['phase']} | {r['source'][:90]} | {r['kind']} | {r['us_per_step']:.0f} | "
+              f"{r['share']:.1%} |" for r in summary["top_sources"]]
   return "\n".join(lines)
 
 

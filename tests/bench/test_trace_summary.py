@@ -1,5 +1,6 @@
 """bench/trace_summary.py: device time by op and kind, busy and idle time, from a trace."""
 
+import collections
 import gzip
 import json
 import os
@@ -109,7 +110,9 @@ def test_time_is_charged_to_source_lines_and_passes_through_the_compiled_hlo(tmp
                                     sources=sources)
   assert summary["unmatched_share"] < 0.5
   line = _scaled_matmul.__code__.co_firstlineno + 1
-  charged = {(r["phase"], r["source"].split(" ")[0]): r["share"] for r in summary["top_sources"]}
+  charged = collections.Counter()
+  for r in summary["top_sources"]:
+    charged[r["phase"], r["source"].split(" ")[0]] += r["share"]
   mine = {phase: share for (phase, source), share in charged.items()
           if source.endswith(f"test_trace_summary.py:{line}")}
   # Forward x @ w and its backward (the gradient matmul) are both found, and between them
@@ -152,7 +155,9 @@ def test_kernels_inside_cuda_graphs_are_found_by_their_fusion_names():
       _op(1, 10, "loop_add_fusion_159", 0, 30, hlo_op="command_buffer_1"),
       _op(1, 10, "nvjet_sm90_tst_144x128", 30, 10, hlo_op="command_buffer_1")]
   summary = trace_summary.summarize(events, sources=hlo_sources.parse(text))
-  rows = {(r["phase"], r["source"]): r["us_per_step"] for r in summary["top_sources"]}
-  assert rows == {("fwd", "ecdit_jax/model/moe.py:90 route"): 30,
-                  ("?", "(kernel named nowhere in the HLO: matmul)"): 10}
+  rows = {(r["phase"], r["source"], r["kind"]): r["us_per_step"] for r in summary["top_sources"]}
+  assert rows == {("fwd", "ecdit_jax/model/moe.py:90 route", "fusion"): 30,
+                  ("?", "(kernel named nowhere in the HLO)", "matmul"): 10}
+  assert "| fwd | ecdit_jax/model/moe.py:90 route | fusion | 30 |" in (
+      trace_summary.format_summary(summary))
   assert summary["unmatched_share"] == pytest.approx(0.25)
