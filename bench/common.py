@@ -310,20 +310,23 @@ def summarize(directory: str) -> str:
       with open(os.path.join(directory, name)) as f:
         records.append((name, json.load(f)))
   lines = ["Training step (median window)", "",
-           ("| record | config | device | mesh | batch | compile s | img/s | img/s/device | "
-            "tok/s | model TFLOP/s | matmul TFLOP/s/device | MFU | peak GiB |"),
-           "|" + "---|" * 13]
+           ("| record | config | device | mesh | batch | accum | compile s | img/s | "
+            "img/s/device | tok/s | model TFLOP/s | matmul TFLOP/s/device | MFU | peak GiB | "
+            "XLA temp GiB |"),
+           "|" + "---|" * 15]
   for file, r in records:
     if r.get("benchmark") != "train_step":
       continue
     env = r["environment"]
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
+    temp = (r.get("compiled_memory") or {}).get("temp_size")  # older records lack it
     lines.append(
         f"| {file} | {r['name']} | {env['device_kind']} x{env['num_devices']} | {mesh} | "
-        f"{r['batch_size']} | {r['compile_s']:.1f} | {r['images_per_s']:.1f} | "
-        f"{r['images_per_s_per_device']:.1f} | {r['tokens_per_s']:.0f} | "
-        f"{r['model_tflops_per_s']:.1f} | {r['matmul_reference']['tflops']:.1f} | "
-        f"{r['mfu']:.1%} | {_gib(r['peak_bytes_in_use'])} |")
+        f"{r['batch_size']} | {r['grad_accum_steps']} | {r['compile_s']:.1f} | "
+        f"{r['images_per_s']:.1f} | {r['images_per_s_per_device']:.1f} | "
+        f"{r['tokens_per_s']:.0f} | {r['model_tflops_per_s']:.1f} | "
+        f"{r['matmul_reference']['tflops']:.1f} | {r['mfu']:.1%} | "
+        f"{_gib(r['peak_bytes_in_use'])} | {_gib(temp)} |")
   lines += ["", "Sampling (median window; MoE vs its FLOP-matched dense model)", "",
             ("| record | config | device | batch | steps | cfg | MoE img/s | dense img/s | "
              "MoE/dense time | FLOPs dense/MoE - 1 | target |"),
