@@ -58,9 +58,9 @@ for run in $RUNS; do
   fi
   name="recipe_$run"
   args=(bench/step.py --preset=XL-32E --num_devices=1 --mesh=data=1 --batch_size="$BATCH"
-        --grad_accum_steps=$((BATCH / micro)) --scan_layers=$scan --remat="$remat"
+        --grad_accum_steps=$((BATCH / micro)) --scan_layers="$scan" --remat="$remat"
         --moe_dispatch=hybrid --momentum_dtype=bfloat16 --host_offload="$offload"
-        --cast_weights_once=$cast_once --steps=1
+        --cast_weights_once="$cast_once" --steps=1
         --windows=2 --warmup=1)
   [ -n "${PROFILE:-}" ] && args+=(--profile_dir="$OUT/profile_$name")
   run "$name" "${args[@]}"
