@@ -7,8 +7,10 @@ for the benchmarks).
   is the same primitive, so the same bits; what changes is compile time. Initialising a train
   state draws hundreds of random arrays in one jitted program (about 580 threefry expansions for
   EC-XL-8E), whose compile this shortens several-fold (measured in
-  bench/records/2026-12-05_h100_threefry-init-and-sampling). The kernel writes each draw's bits to memory before they are transformed, a transient of the
-  size of the largest array drawn (per device). It does nothing on CPUs and TPUs.
+  bench/records/2026-12-05_h100_threefry-init-and-sampling). The kernel writes each draw's bits
+  to memory before they are transformed, a transient of the size of the largest array drawn
+  (per device); the XL-32E recipe's peak did not change (one H200). It does nothing on CPUs and
+  TPUs.
 
 A setting named in the environment (e.g. ``JAX_THREEFRY_GPU_KERNEL_LOWERING=0``) is left as the
 environment sets it.
