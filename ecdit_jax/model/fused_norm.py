@@ -13,12 +13,9 @@ once:
   and per-block partial sums of ``dy * xhat`` and ``dy`` that XLA adds up into the image's
   ``dscale`` and ``dshift``.
 
-One kernel body serves every backend: Triton on GPUs (values must be a power of two wide, so a
-block is loaded widened, by masked loads and stores that never touch memory past the model
-width), Mosaic on TPUs (exact-width blocks, a multiple of 128 in every preset), and the Pallas
-interpreter anywhere (``interpret=True``: how the tests check it on a CPU against the XLA path).
-CPUs compile no Pallas kernel: there the same two steps run as XLA ops, so a run trained with
-the kernels samples on a laptop.
+One kernel body serves every backend (``pallas_blocks``): Triton on GPUs, blocks widened to a
+power of two by masked loads; Mosaic on TPUs, exact-width blocks (a multiple of 128 in every
+preset); the Pallas interpreter anywhere (the tests); the same two steps as XLA ops on CPUs.
 On a mesh the kernel runs per device under ``shard_map`` over the batch, the dimension that the
 activations are split along; the model width is never split in activations.
 """
@@ -34,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
+from ecdit_jax.model import pallas_blocks as blocks
 from ecdit_jax.parallel import mesh as mesh_lib
 
 # Rows a program takes: Triton keeps its (rows, width) values in registers, so few rows of a
@@ -88,20 +86,6 @@ def _fused_bwd(eps, interpret, widen, residuals, dy):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _per_platform(call, without_kernel, *args, mode: tuple[bool, bool | None]):
-  """``call(*args, gpu=..., interpret=...)`` for the platform that compiles it: values widened
-  to a power of two on GPUs, blocks as they are on TPUs; on CPUs, which compile no Pallas
-  kernel, ``without_kernel(*args)``, the same math in XLA ops (so a run trained with the kernels
-  samples on a laptop). ``mode`` = (interpret, widen): the interpreter, or a forced layout."""
-  interpret, widen = mode
-  if interpret or widen is not None:
-    return call(*args, gpu=bool(widen), interpret=interpret)
-  call = functools.partial(call, interpret=False)
-  return lax.platform_dependent(*args, cuda=functools.partial(call, gpu=True),
-                                rocm=functools.partial(call, gpu=True),
-                                tpu=functools.partial(call, gpu=False), default=without_kernel)
-
-
 def _forward_without_kernel(x, shift, scale, eps):
   """The forward kernel's outputs (y, mean, rstd) by XLA ops."""
   xf = x.astype(jnp.float32)
@@ -135,17 +119,6 @@ def _layout(x: jax.Array, gpu: bool) -> tuple[int, int, tuple[int, int]]:
   return rows, width, (b, s // rows)
 
 
-def _compiler_params(gpu: bool, interpret: bool):
-  if interpret or not gpu:
-    return None
-  return _triton().CompilerParams(num_warps=4, num_stages=1)
-
-
-def _triton():
-  from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415 (GPU layout only)
-  return pl_triton
-
-
 def _forward(x, shift, scale, eps, mode):
   def call(x, shift, scale, *, gpu, interpret):
     rows, width, grid = _layout(x, gpu)
@@ -160,9 +133,9 @@ def _forward(x, shift, scale, eps, mode):
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct((b, s, 1), jnp.float32),
                    jax.ShapeDtypeStruct((b, s, 1), jnp.float32)],
-        interpret=interpret, compiler_params=_compiler_params(gpu, interpret),
+        interpret=interpret, compiler_params=blocks.triton_params(gpu, interpret),
         name="adaln_norm_modulate_fwd")(x, shift[:, None, :], scale[:, None, :])
-  return _per_platform(call, functools.partial(_forward_without_kernel, eps=eps), x, shift,
+  return blocks.per_platform(call, functools.partial(_forward_without_kernel, eps=eps), x, shift,
                        scale, mode=mode)
 
 
@@ -180,42 +153,22 @@ def _backward(x, scale, mean, rstd, dy, mode):
         in_specs=[row_block, vector, stat, stat, row_block],
         out_specs=[row_block, partial_sum, partial_sum],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), partial_shape, partial_shape],
-        interpret=interpret, compiler_params=_compiler_params(gpu, interpret),
+        interpret=interpret, compiler_params=blocks.triton_params(gpu, interpret),
         name="adaln_norm_modulate_bwd")(x, scale[:, None, :], mean, rstd, dy)
     return dx, dscale.sum(axis=(1, 2)), dshift.sum(axis=(1, 2))
-  return _per_platform(call, _backward_without_kernel, x, scale, mean, rstd, dy, mode=mode)
-
-
-def _inside(ref, width: int):
-  """The columns of a (rows, width) view of ``ref`` that lie inside its (rows, d) block."""
-  return lax.broadcasted_iota(jnp.int32, (ref.shape[0], width), 1) < ref.shape[1]
-
-
-def _read(ref, width: int) -> jax.Array:
-  """A block as float32, widened to ``width`` columns with zeros past the model width (Triton's
-  masked load: nothing outside the block is touched)."""
-  if width == ref.shape[1]:
-    return ref[...].astype(jnp.float32)
-  view = ref.at[:, pl.ds(0, width)]
-  return _triton().load(view, mask=_inside(ref, width), other=0.0).astype(jnp.float32)
-
-
-def _write(ref, value: jax.Array) -> None:
-  """Stores the block's own columns of a possibly widened ``value``."""
-  if value.shape[1] == ref.shape[1]:
-    ref[...] = value.astype(ref.dtype)
-  else:
-    _triton().store(ref.at[:, pl.ds(0, value.shape[1])], value.astype(ref.dtype),
-                    mask=_inside(ref, value.shape[1]))
+  return blocks.per_platform(call, _backward_without_kernel, x, scale, mean, rstd, dy, mode=mode)
 
 
 def _forward_kernel(x_ref, shift_ref, scale_ref, y_ref, mean_ref, rstd_ref, *, width, eps):
   model_width = x_ref.shape[1]
-  x = _read(x_ref, width)  # zeros past the model width: they add nothing to the sums
+  x = blocks.read(x_ref, width)  # zeros past the model width: they add nothing to the sums
   mean = jnp.sum(x, axis=1, keepdims=True) / model_width
-  centred = jnp.where(_inside(x_ref, width), x - mean, 0.0) if width != model_width else x - mean
+  centred = x - mean
+  if width != model_width:
+    centred = jnp.where(blocks.inside(x_ref.shape[0], width, model_width), centred, 0.0)
   rstd = lax.rsqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / model_width + eps)
-  _write(y_ref, centred * rstd * (1.0 + _read(scale_ref, width)) + _read(shift_ref, width))
+  modulated = centred * rstd * (1.0 + blocks.read(scale_ref, width))
+  blocks.write(y_ref, modulated + blocks.read(shift_ref, width))
   mean_ref[...] = mean
   rstd_ref[...] = rstd
 
@@ -224,13 +177,13 @@ def _backward_kernel(x_ref, scale_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dscal
                      dshift_ref, *, width):
   model_width = x_ref.shape[1]
   rstd = rstd_ref[...]
-  xhat = (_read(x_ref, width) - mean_ref[...]) * rstd
+  xhat = (blocks.read(x_ref, width) - mean_ref[...]) * rstd
   if width != model_width:  # the widened columns: x = 0 there, so xhat = -mean * rstd
-    xhat = jnp.where(_inside(x_ref, width), xhat, 0.0)
-  dy = _read(dy_ref, width)  # zeros past the model width, and so is g
-  g = dy * (1.0 + _read(scale_ref, width))
+    xhat = jnp.where(blocks.inside(x_ref.shape[0], width, model_width), xhat, 0.0)
+  dy = blocks.read(dy_ref, width)  # zeros past the model width, and so is g
+  g = dy * (1.0 + blocks.read(scale_ref, width))
   mean_g = jnp.sum(g, axis=1, keepdims=True) / model_width
   mean_gx = jnp.sum(g * xhat, axis=1, keepdims=True) / model_width
-  _write(dx_ref, (g - mean_g - xhat * mean_gx) * rstd)
-  _write(dscale_ref, jnp.sum(dy * xhat, axis=0, keepdims=True))
-  _write(dshift_ref, jnp.sum(dy, axis=0, keepdims=True))
+  blocks.write(dx_ref, (g - mean_g - xhat * mean_gx) * rstd)
+  blocks.write(dscale_ref, jnp.sum(dy * xhat, axis=0, keepdims=True))
+  blocks.write(dshift_ref, jnp.sum(dy, axis=0, keepdims=True))

@@ -133,9 +133,14 @@ def test_the_kernels_lower_for_gpus_and_tpus(platform, custom_call):
   args = [jax.ShapeDtypeStruct((4, 128, 1152), jnp.bfloat16), vector, vector]
   loss = lambda *a: jnp.sum(fused_norm.norm_modulate(*a, eps=EPS).astype(jnp.float32))
   step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  exported = jax.export.export(
-      step, platforms=[platform],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
+  try:
+    exported = jax.export.export(
+        step, platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
+  except RuntimeError as error:  # newer jax: Triton lowers only where a GPU is
+    if "No supported GPU devices" not in str(error):
+      raise
+    pytest.skip("this jax lowers Triton kernels only on a machine with a GPU")
   text = exported.mlir_module()
   assert text.count(f"@{custom_call}(") == 2  # the forward and the backward kernel
 
