@@ -77,6 +77,8 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_batch: int) -> 
                       help="override config.model.attention_impl")
   parser.add_argument("--norm_impl", choices=("xla", "pallas"), default=None,
                       help="adaLN norm + modulate: XLA ops or the fused Pallas kernels")
+  parser.add_argument("--qk_norm_impl", choices=("xla", "pallas"), default=None,
+                      help="qk-norm with the projection's bias: XLA ops or the Pallas kernels")
   parser.add_argument("--remat", choices=("none", "block", "dots", "matmuls"), default=None,
                       help="override config.model.remat (recompute blocks in the backward)")
   parser.add_argument("--moe_dispatch", choices=("gather", "einsum", "hybrid"), default=None,
@@ -132,7 +134,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
   overrides = {"num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads,
                "num_experts": args.num_experts, "attention_impl": args.attention_impl,
                "remat": args.remat, "moe_dispatch": args.moe_dispatch,
-               "norm_impl": args.norm_impl,
+               "norm_impl": args.norm_impl, "qk_norm_impl": args.qk_norm_impl,
                "capacity_factor": args.capacity_factor,
                "eval_capacity_factor": args.capacity_factor,
                "scan_layers": None if args.scan_layers is None else args.scan_layers == "true"}
@@ -171,6 +173,8 @@ def config_name(args: argparse.Namespace, model_config) -> str:
     name += "-scan"
   if model_config.norm_impl != "xla":
     name += f"-{model_config.norm_impl}norm"
+  if model_config.qk_norm_impl != "xla":
+    name += f"-{model_config.qk_norm_impl}qknorm"
   return f"{name}(smoke)" if args.smoke else name
 
 

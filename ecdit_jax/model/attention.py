@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ecdit_jax.model import fused_qk_norm
 from ecdit_jax.parallel import axes
 from ecdit_jax.parallel import mesh as mesh_lib
 
@@ -36,9 +37,11 @@ class HeadProjection(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.kernel[...].astype(self.dtype)
-    return jnp.einsum("bsd,dhk->bshk", x.astype(self.dtype), kernel) + self.bias[...].astype(
-        self.dtype)
+    return self.project(x) + self.bias[...].astype(self.dtype)
+
+  def project(self, x: jax.Array) -> jax.Array:
+    """The projection without its bias (which the fused qk-norm adds itself)."""
+    return jnp.einsum("bsd,dhk->bshk", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
 class OutputProjection(nnx.Module):
@@ -69,6 +72,8 @@ class HeadRMSNorm(nnx.Module):
   parallelism) the merged view would need a reshard, so the norm then keeps the 4-D form.
   """
 
+  eps = 1e-6
+
   def __init__(self, head_dim: int, *, rngs: nnx.Rngs, param_dtype, row_view: bool = True):
     init = axes.partitioned(nnx.initializers.ones_init(), (axes.HEAD_DIM,))
     self.scale = nnx.Param(init(rngs.params(), (head_dim,), param_dtype))
@@ -79,7 +84,7 @@ class HeadRMSNorm(nnx.Module):
     if self.row_view:
       x = x.reshape(-1, shape[-1])
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype).reshape(shape)
 
 
@@ -94,7 +99,8 @@ class Attention(nnx.Module):
 
   def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, *, rngs: nnx.Rngs,
                dtype, param_dtype, qk_norm: bool = False, context_size: int | None = None,
-               zero_init_output: bool = False, attention_impl: str = "auto", mesh=None):
+               zero_init_output: bool = False, attention_impl: str = "auto",
+               qk_norm_impl: str = "xla", mesh=None):
     if hidden_size % num_heads:
       raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
     if num_heads % num_kv_heads:
@@ -119,14 +125,20 @@ class Attention(nnx.Module):
     else:
       self.query_norm = self.key_norm = None
     self.implementation = resolve_attention_impl(attention_impl, dtype)
+    self.qk_norm_impl = qk_norm_impl
     self.mesh = mesh
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
                context_lengths: jax.Array | None = None) -> jax.Array:
     context = x if context is None else context
-    q, k, v = self.query(x), self.key(context), self.value(context)
-    if self.query_norm is not None:
-      q, k = self.query_norm(q), self.key_norm(k)
+    v = self.value(context)
+    if self.query_norm is None:
+      q, k = self.query(x), self.key(context)
+    elif self.qk_norm_impl == "xla":
+      q, k = self.query_norm(self.query(x)), self.key_norm(self.key(context))
+    else:
+      q = self._fused_norm(self.query, self.query_norm, x, axes.HEADS)
+      k = self._fused_norm(self.key, self.key_norm, context, axes.KV_HEADS)
     # Batch over the data-like axes, heads over tensor: with parameters split over fsdp, the
     # propagated layouts of q, k and v can differ, which cuDNN's attention refuses.
     q = mesh_lib.constrain(q, (mesh_lib.BATCH, None, axes.HEADS, axes.HEAD_DIM), self.mesh)
@@ -136,3 +148,10 @@ class Attention(nnx.Module):
     out = jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=lengths, implementation=self.implementation)
     return self.out(out)
+
+  def _fused_norm(self, projection: HeadProjection, norm: HeadRMSNorm, x: jax.Array,
+                  head_axis: str) -> jax.Array:
+    """``norm(projection(x))`` with the bias, norm and scale in model/fused_qk_norm's kernels."""
+    return fused_qk_norm.bias_rms_norm(
+        projection.project(x), projection.bias[...], norm.scale[...], eps=norm.eps,
+        head_axis=head_axis, mesh=self.mesh, interpret=self.qk_norm_impl == "pallas_interpret")

@@ -25,6 +25,8 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # (Triton on GPUs, Mosaic on TPUs, their math in XLA ops on CPUs); "pallas_interpret" runs
 # those kernels in the Pallas interpreter (any backend, slowly: for checking them on a CPU).
 NORM_IMPLS = ("xla", "pallas", "pallas_interpret")
+# The qk-norm with its projection's bias: XLA ops or model/fused_qk_norm.py's kernels, likewise.
+QK_NORM_IMPLS = NORM_IMPLS
 # "scratch": the small transformer of model/text.py, trained with the DiT. "t5" / "clip": a
 # frozen pretrained encoder outside the model (train/text_conditioning.py); the DiT then gets its
 # last hidden states as the context and has no text parameters of its own.
@@ -33,7 +35,7 @@ TEXT_ENCODERS = ("scratch", "t5", "clip")
 # mean: a run may resume with new values (e.g. block remat to fit a smaller card). Changing
 # any other key refuses the resume (train/checkpoint.check_same_model).
 COMPUTE_ONLY_KEYS = ("attention_impl", "eval_capacity_factor", "moe_dispatch", "norm_impl",
-                     "remat")
+                     "qk_norm_impl", "remat")
 # Keys that shape only the scratch text encoder: a model with a frozen pretrained one ignores them.
 SCRATCH_TEXT_KEYS = ("text_vocab_size", "text_num_layers", "text_num_heads")
 
@@ -86,6 +88,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention_impl: str = "auto"  # auto: cuDNN flash attention on GPU, XLA elsewhere
   norm_impl: str = "xla"  # adaLN's norm + modulate: "xla", "pallas" (fused kernels), ...
+  qk_norm_impl: str = "xla"  # the qk-norm and its projection's bias: "xla", "pallas", ...
   # Rematerialisation of each DiT block in the backward pass: "none"; "block" (keep only the
   # block inputs: least memory); "dots" (keep the outputs of matmuls without batch dimensions,
   # the dense layers', recompute the rest); "matmuls" (keep every matmul's output, the experts'
@@ -237,6 +240,8 @@ def _validate(c: ModelConfig) -> None:
          f"config.model.attention_impl={c.attention_impl!r} must be one of {ATTENTION_IMPLS}")
   _check(c.norm_impl in NORM_IMPLS,
          f"config.model.norm_impl={c.norm_impl!r} must be one of {NORM_IMPLS}")
+  _check(c.qk_norm_impl in QK_NORM_IMPLS,
+         f"config.model.qk_norm_impl={c.qk_norm_impl!r} must be one of {QK_NORM_IMPLS}")
   for key in ("dtype", "param_dtype"):
     value = getattr(c, key)
     try:

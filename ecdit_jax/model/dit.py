@@ -44,11 +44,13 @@ class DiTBlock(nnx.Module):
     self.modulation = layers.AdaLNModulation(d, 6, **common)
     self.norm1 = layers.AdaLNNorm(d, config.norm_impl, mesh=mesh, **common)
     self.self_attn = Attention(d, config.num_heads, config.kv_heads, qk_norm=config.qk_norm,
+                               qk_norm_impl=config.qk_norm_impl,
                                attention_impl=config.attention_impl, mesh=mesh, **common)
     self.norm_cross = layers.layer_norm(d, affine=True, **common)
     # Zero-initialised output: the cross-attention branch also starts switched off.
     self.cross_attn = Attention(d, config.num_heads, config.kv_heads, qk_norm=config.qk_norm,
                                 context_size=config.text_hidden_size, zero_init_output=True,
+                                qk_norm_impl=config.qk_norm_impl,
                                 attention_impl=config.attention_impl, mesh=mesh, **common)
     self.norm2 = layers.AdaLNNorm(d, config.norm_impl, mesh=mesh, **common)
     self.ffn = make_ffn(config, layer_index, rngs, mesh)
