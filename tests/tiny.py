@@ -7,10 +7,15 @@ ConfigDict for in-process tests and as ``--config.KEY=VALUE`` flags for the comm
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from configs import default
-from ecdit_jax.model import ModelConfig
+from ecdit_jax.model import ModelConfig, TextToImageDiT
 
 # The model of the training tests, on the default config's 32x32 GenEval-Shapes images.
 TRAIN_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
@@ -60,3 +65,36 @@ def perturbed(params, seed: int = 1, scale: float = 0.05):
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   return jax.tree.unflatten(
       treedef, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+
+def dit_runs_by(key: str, values=("xla", "pallas_interpret")) -> dict:
+  """The tiny DiT built with each value of model key ``key`` from the same parameters (perturbed:
+  every branch live): value -> (pallas_call count of its loss, loss, parameter gradients) on one
+  batch. The parameter trees must match: such keys never change a checkpoint."""
+  base = tiny_model_config()
+  models = {v: TextToImageDiT(dataclasses.replace(base, **{key: v}), rngs=nnx.Rngs(0))
+            for v in values}
+  params = perturbed(nnx.state(models[values[0]], nnx.Param), scale=0.02)
+  keys = jax.random.split(jax.random.key(2), 3)
+  size, channels = base.image_size, base.in_channels
+  x = jax.random.normal(keys[0], (2, size, size, channels))
+  t = jax.random.uniform(keys[1], (2,))
+  tokens = jax.random.randint(keys[2], (2, base.text_max_len), 2, base.text_vocab_size)
+  runs = {}
+  for value, model in models.items():
+    assert jax.tree.structure(nnx.state(model, nnx.Param)) == jax.tree.structure(params)
+    graphdef, rest = nnx.graphdef(model), nnx.state(model, nnx.Not(nnx.Param))
+
+    def loss(p, graphdef=graphdef, rest=rest):
+      pred, _ = nnx.merge(graphdef, p, rest)(x, t, tokens)
+      return jnp.mean(jnp.square(pred - x))
+    calls = str(jax.make_jaxpr(loss)(params)).count("pallas_call")
+    runs[value] = (calls, *jax.jit(jax.value_and_grad(loss))(params))
+  return runs
+
+
+def assert_same_loss_and_grads(got, want, rtol=2e-3, atol=2e-6) -> None:
+  """Two ``dit_runs_by`` entries agree: loss to 1e-5, every gradient within the tolerances."""
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
+    np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)

@@ -2,17 +2,15 @@
 and gradients in the Pallas interpreter, in both block layouts, on a mesh and inside the DiT;
 and the same kernels lowered for GPUs (Triton) and TPUs (Mosaic) on this CPU."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from ecdit_jax.model import TextToImageDiT, fused_norm
+from ecdit_jax.model import fused_norm
 from ecdit_jax.parallel import mesh as mesh_lib
-from tests.tiny import tiny_model_config
+from tests.tiny import assert_same_loss_and_grads, dit_runs_by
 
 EPS = 1e-6
 
@@ -92,36 +90,10 @@ def test_on_a_mesh_each_device_normalises_its_share_of_the_batch():
 
 
 def test_the_dit_trains_the_same_with_the_fused_kernels():
-  base = tiny_model_config()
-  models = {impl: TextToImageDiT(dataclasses.replace(base, norm_impl=impl), rngs=nnx.Rngs(0))
-            for impl in ("xla", "pallas_interpret")}
-  # Non-zero modulation and outputs, so every norm's shift, scale and input get a gradient.
-  params = nnx.state(models["xla"], nnx.Param)
-  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape),
-                        params)
-  assert jax.tree.structure(params) == jax.tree.structure(
-      nnx.state(models["pallas_interpret"], nnx.Param))  # the same checkpoint either way
-  keys = jax.random.split(jax.random.key(2), 3)
-  size, channels = base.image_size, base.in_channels
-  x = jax.random.normal(keys[0], (2, size, size, channels))
-  t = jax.random.uniform(keys[1], (2,))
-  tokens = jax.random.randint(keys[2], (2, base.text_max_len), 2, base.text_vocab_size)
-
-  def loss_and_grads(impl):
-    graphdef = nnx.graphdef(models[impl])
-
-    def loss(p):
-      pred, _ = nnx.merge(graphdef, p, nnx.state(models[impl], nnx.Not(nnx.Param)))(x, t, tokens)
-      return jnp.mean(jnp.square(pred - x))
-    # Five kernel pairs (two norms in each of two blocks, one in the final layer) or none.
-    assert str(jax.make_jaxpr(loss)(params)).count("pallas_call") == (0 if impl == "xla" else 5)
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  want_loss, want_grads = loss_and_grads("xla")
-  got_loss, got_grads = loss_and_grads("pallas_interpret")
-  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-6)
+  runs = dit_runs_by("norm_impl")
+  # Five kernel pairs (two norms in each of two blocks, one in the final layer) or none.
+  assert runs["xla"][0] == 0 and runs["pallas_interpret"][0] == 5
+  assert_same_loss_and_grads(runs["pallas_interpret"], runs["xla"])
 
 
 @pytest.mark.parametrize("platform,custom_call", [("cuda", "__gpu$xla.gpu.triton"),
