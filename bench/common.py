@@ -343,6 +343,19 @@ def summarize(directory: str) -> str:
         f"{r['num_steps']} | {r['cfg_scale']} | {r['moe']['images_per_s']:.2f} | "
         f"{r['dense']['images_per_s']:.2f} | {r['time_ratio_moe_over_dense']:.3f} | "
         f"{r['flops_match']['dense_over_moe_minus_1']:+.2%} | <= {r['target_ratio']} |")
+  lines += ["", "Fused kernels against XLA, forward + backward (bench/kernels.py; the default "
+            "layout and, after a sweep, the fastest)", "",
+            "| record | kernel | device | layout | XLA us | kernels us | kernels/XLA | GB/s |",
+            "|" + "---|" * 8]
+  for file, r in records:
+    if r.get("benchmark") != "kernels":
+      continue
+    default, *swept = r["results"]
+    for row in [default] + ([min(swept, key=lambda x: x["fused_us"])] if swept else []):
+      lines.append(
+          f"| {file} | {r['kernel']} | {r['environment']['device_kind']} | {row['setting']} | "
+          f"{row['xla_us']:.1f} | {row['fused_us']:.1f} | {row['fused_over_xla']:.3f} | "
+          f"{row['fused_gb_per_s']:.0f} |")
   return "\n".join(lines)
 
 

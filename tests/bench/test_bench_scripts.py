@@ -45,3 +45,12 @@ def test_sample_benchmark_compares_ec_with_dense_and_profiles_both(tmp_path):
   assert record["time_ratio_moe_over_dense"] > 0
   assert set(record["profile_per_ode_step"]) == {"ec", "dense"}
   assert all(p["op_time_us_per_step"] > 0 for p in record["profile_per_ode_step"].values())
+
+
+def test_kernel_benchmark_times_xla_and_the_kernels_over_the_sweep(tmp_path):
+  record = _run("kernels.py", tmp_path, "--sweep")
+  results = record["results"]
+  assert record["kernel"] == "qk_norm" and record["least_bytes_per_call"] > 0
+  assert len(results) == 1 + 3 * 3 * 2 * 2 and results[0]["setting"] == "default"
+  assert len({tuple(sorted(r["setting"].items())) for r in results[1:]}) == len(results) - 1
+  assert all(r["xla_us"] > 0 and r["fused_us"] > 0 for r in results)

@@ -148,7 +148,8 @@ def test_every_block_tiles_its_array(widen, shape):
         assert all(size & (size - 1) == 0 for size in sizes[:-1]), sizes
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernels need a GPU")
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="the compiled kernels need a GPU (run with JAX_PLATFORMS=cuda)")
 @pytest.mark.parametrize("shape", [(2, 128, 1152), (3, 100, 1536), (4, 256, 2304)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_on_a_gpu_the_compiled_kernels_match_xla(shape, dtype):

@@ -157,7 +157,8 @@ def test_the_kernels_lower_for_gpus_and_tpus(platform, custom_call, heads, d):
   assert exported.mlir_module().count(f"@{custom_call}(") == 2
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernels need a GPU")
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="the compiled kernels need a GPU (run with JAX_PLATFORMS=cuda)")
 @pytest.mark.parametrize("shape", [(64, 256, 16, 72), (64, 256, 18, 64), (16, 77, 16, 72)])
 def test_on_a_gpu_the_compiled_kernels_match_xla(shape):
   """The Triton kernels themselves, in bfloat16 at an XL model's shapes (self-attention, heads
