@@ -343,8 +343,8 @@ def summarize(directory: str) -> str:
         f"{r['num_steps']} | {r['cfg_scale']} | {r['moe']['images_per_s']:.2f} | "
         f"{r['dense']['images_per_s']:.2f} | {r['time_ratio_moe_over_dense']:.3f} | "
         f"{r['flops_match']['dense_over_moe_minus_1']:+.2%} | <= {r['target_ratio']} |")
-  lines += ["", "Fused kernels against XLA, forward + backward (bench/kernels.py; the default "
-            "layout and, after a sweep, the fastest)", "",
+  lines += ["", "Fused kernels against XLA, forward + backward (bench/fused_kernels.py; the "
+            "default layout and, after a sweep, the fastest)", "",
             "| record | kernel | device | layout | XLA us | kernels us | kernels/XLA | GB/s |",
             "|" + "---|" * 8]
   for file, r in records:

@@ -7,7 +7,7 @@
 # scanned EC step with adaLN's norm by XLA and by the fused Pallas kernels, the hybrid EC step
 # with XLA's attention instead of cuDNN's flash kernels, the hybrid EC step with the qk-norm and
 # its bias in the fused Pallas kernels (model/fused_qk_norm.py), those kernels and adaLN's alone
-# against XLA (bench/kernels.py, the qk-norm's GPU layouts swept), the paper's recipe
+# against XLA (bench/fused_kernels.py, the qk-norm's GPU layouts swept), the paper's recipe
 # lever by lever (bench/recipe.sh: remat, micro-batch, scan or unrolled, host offload), and,
 # where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split over
 # an expert axis, then parameters over an fsdp axis, then the experts over the expert axis with
@@ -74,9 +74,9 @@ for name in step_ec_xl_8e step_ec_xl_8e_einsum step_ec_xl_8e_hybrid step_dense_x
 done
 # The fused kernels alone against XLA at an XL layer's shapes: the qk-norm with the benchmark's
 # heads and with the presets' (and its GPU layouts swept there), adaLN's norm + modulate.
-run kernels_qk_norm_heads16 bench/kernels.py --heads=16 --head_dim=72
-run kernels_qk_norm_heads18 bench/kernels.py --heads=18 --head_dim=64 --sweep
-run kernels_adaln bench/kernels.py --kernel=adaln --width=1152
+run kernels_qk_norm_heads16 bench/fused_kernels.py --heads=16 --head_dim=72
+run kernels_qk_norm_heads18 bench/fused_kernels.py --heads=18 --head_dim=64 --sweep
+run kernels_adaln bench/fused_kernels.py --kernel=adaln --width=1152
 # shellcheck disable=SC2046
 run sample_ec_xl_8e_vs_dense bench/sample.py --model=ec --batch_size="$SAMPLE_BATCH" \
   --num_steps="$SAMPLE_STEPS" $(profile sample_ec_xl_8e_vs_dense)

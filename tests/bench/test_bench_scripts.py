@@ -48,7 +48,7 @@ def test_sample_benchmark_compares_ec_with_dense_and_profiles_both(tmp_path):
 
 
 def test_kernel_benchmark_times_xla_and_the_kernels_over_the_sweep(tmp_path):
-  record = _run("kernels.py", tmp_path, "--sweep")
+  record = _run("fused_kernels.py", tmp_path, "--sweep")
   results = record["results"]
   assert record["kernel"] == "qk_norm" and record["least_bytes_per_call"] > 0
   assert len(results) == 1 + 3 * 3 * 2 * 2 and results[0]["setting"] == "default"

@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+# After site-packages: the pytest session keeps this path, and a bench script must not shadow an
+# installed package (diffusers imports one named ``kernels``).
+sys.path.append(os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 import hlo_sources
 import trace_summary
 

@@ -1,10 +1,10 @@
 r"""The fused Pallas kernels against XLA's fusions, forward and backward, at a model's shapes.
 
-  python bench/kernels.py                                # qk-norm, EC-XL-8E's 16 heads of 72
-  python bench/kernels.py --heads=18 --head_dim=64       # the XL presets' heads
-  python bench/kernels.py --heads=18 --head_dim=64 --sweep --out=bench/out/qk_sweep.json
-  python bench/kernels.py --kernel=adaln --width=1152    # adaLN's norm + modulate
-  python bench/kernels.py --smoke                        # tiny, checks it on a CPU
+  python bench/fused_kernels.py                            # qk-norm, EC-XL-8E's 16 heads of 72
+  python bench/fused_kernels.py --heads=18 --head_dim=64   # the XL presets' heads
+  python bench/fused_kernels.py --heads=18 --head_dim=64 --sweep --out=bench/out/qk_sweep.json
+  python bench/fused_kernels.py --kernel=adaln --width=1152  # adaLN's norm + modulate
+  python bench/fused_kernels.py --smoke                    # tiny, checks it on a CPU
 
 Each implementation is one jitted function returning the output and the input gradients (a
 ``jax.vjp`` with random cotangents) of one layer's worth of activations: batch x tokens rows
