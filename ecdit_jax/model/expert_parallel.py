@@ -3,7 +3,7 @@
 Per device, inside ``shard_map``:
   1. route the local images' tokens (expert choice is per routing group, so it is local by
      construction: no communication is needed to decide who goes where);
-  2. pack each expert's C chosen tokens into a fixed (G, E, C, d) buffer;
+  2. pack each expert's C chosen tokens into a fixed (E, G, C, d) buffer;
   3. ``all_to_all`` over ``expert``: every device sends expert e's buffer to the device holding
      expert e, and receives its local experts' tokens from all devices of the axis;
   4. run the local experts as one batched einsum (hidden width split over ``tensor``, the
@@ -34,13 +34,13 @@ TENSOR_AXIS = "tensor"
 
 
 def _to_experts(buffers):
-  # Expert e's buffers go to the device that holds e; we receive (n_expert * G_local, E_local,
-  # C, d): our experts' tokens from every device of the axis, in axis order.
-  return jax.lax.all_to_all(buffers, EXPERT_AXIS, 1, 0, tiled=True)
+  # Expert e's buffers (E, G_local, C, d) go to the device that holds e; we receive (E_local,
+  # n_expert * G_local, C, d): our experts' tokens from every device of the axis, in axis order.
+  return jax.lax.all_to_all(buffers, EXPERT_AXIS, 0, 1, tiled=True)
 
 
 def _from_experts(outputs):
-  return jax.lax.all_to_all(outputs, EXPERT_AXIS, 0, 1, tiled=True)
+  return jax.lax.all_to_all(outputs, EXPERT_AXIS, 1, 0, tiled=True)
 
 
 def expert_choice_ffn(x: jax.Array, router_kernel: jax.Array, expert_weights, *, mesh,

@@ -40,8 +40,9 @@ class Experts(nnx.Module):
     return self.w_in[...], self.b_in[...], self.w_out[...], self.b_out[...]
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x (..., E, C, d) -> (..., E, C, d): expert e applied to its C tokens."""
-    return routing.apply_experts(x, *self.weights(), dtype=self.dtype)
+    """x (G, E, C, d) -> (G, E, C, d): expert e applied to its C tokens."""
+    y = routing.apply_experts(jnp.swapaxes(x, 0, 1), *self.weights(), dtype=self.dtype)
+    return jnp.swapaxes(y, 0, 1)
 
 
 class Router(nnx.Module):

@@ -16,6 +16,9 @@ Tokens move to the experts and back in one of three ways (``config.model.moe_dis
   "hybrid"  the cheap direction of each: dispatch gathers and its gradient is the one-hot
             matmul; combine is the one-hot matmul and its gradients are gathers. Two one-hot
             matmuls a layer in training instead of five, and no scatter-add.
+Dispatched tokens are laid out expert-major, (E, G, C, d): the layout the batched expert
+matmuls read and write, so the gathers fill it directly instead of XLA transposing a
+(G, E, C, d) buffer on the way in (and, in training, on the way back out).
 
 The token-choice baseline (top-k per token, buffers with dropping, the load-balancing loss)
 lives here too. ``moe.py`` holds the layers' parameters; both it and ``expert_parallel.py``
@@ -64,6 +67,20 @@ def gather_tokens(x: jax.Array, token_index: jax.Array) -> jax.Array:
   return jax.vmap(lambda rows, index: rows[index])(x, token_index)
 
 
+def gather_by_expert(x: jax.Array, token_index: jax.Array) -> jax.Array:
+  """x (G, N, d), token_index (G, E, C) -> (E, G, C, d): each expert's tokens, expert-major.
+
+  One gather whose batch dimension is the group (so a partitioner keeps it local to the
+  group's shard) and whose output is already in the experts' layout.
+  """
+  numbers = jax.lax.GatherDimensionNumbers(
+      offset_dims=(3,), collapsed_slice_dims=(1,), start_index_map=(1,),
+      operand_batching_dims=(0,), start_indices_batching_dims=(1,))
+  index = jnp.swapaxes(token_index, 0, 1)[..., None]  # (E, G, C, 1)
+  return jax.lax.gather(x, index, numbers, slice_sizes=(1, 1, x.shape[-1]),
+                        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
 def scatter_add_tokens(values: jax.Array, token_index: jax.Array, num_tokens: int) -> jax.Array:
   """values (G, E, C, d) added into (G, N, d) at token_index (G, E, C); float32 accumulation."""
   g, e, c, d = values.shape
@@ -74,9 +91,12 @@ def scatter_add_tokens(values: jax.Array, token_index: jax.Array, num_tokens: in
 
 
 def _one_hot_combine(expert_out, gates, token_index, num_tokens):
-  """Gate-weighted one-hot matmul in the outputs' dtype, accumulated in float32."""
+  """Gate-weighted one-hot matmul in the outputs' dtype, accumulated in float32.
+
+  expert_out (E, G, C, d); gates and token_index (G, E, C) -> (G, N, d).
+  """
   weights = jax.nn.one_hot(token_index, num_tokens, dtype=jnp.float32) * gates[..., None]
-  return jnp.einsum("gecn,gecd->gnd", weights.astype(expert_out.dtype), expert_out,
+  return jnp.einsum("gecn,egcd->gnd", weights.astype(expert_out.dtype), expert_out,
                     preferred_element_type=jnp.float32)
 
 
@@ -85,17 +105,17 @@ def _one_hot_combine(expert_out, gates, token_index, num_tokens):
 
 @jax.custom_vjp
 def _hybrid_dispatch(groups: jax.Array, token_index: jax.Array) -> jax.Array:
-  return gather_tokens(groups, token_index)
+  return gather_by_expert(groups, token_index)
 
 
 def _hybrid_dispatch_forward(groups, token_index):
-  return gather_tokens(groups, token_index), (token_index, groups[:, :, :0])
+  return gather_by_expert(groups, token_index), (token_index, groups[:, :, :0])
 
 
 def _hybrid_dispatch_backward(residuals, cotangent):
   token_index, empty = residuals
   onehot = jax.nn.one_hot(token_index, empty.shape[1], dtype=cotangent.dtype)
-  grad = jnp.einsum("gecn,gecd->gnd", onehot, cotangent, preferred_element_type=jnp.float32)
+  grad = jnp.einsum("gecn,egcd->gnd", onehot, cotangent, preferred_element_type=jnp.float32)
   return grad.astype(empty.dtype), None
 
 
@@ -114,9 +134,9 @@ def _hybrid_combine_forward(expert_out, gates, token_index, empty):
 
 def _hybrid_combine_backward(residuals, cotangent):
   expert_out, gates, token_index, empty = residuals
-  picked = gather_tokens(cotangent, token_index)  # (G, E, C, d) f32: d loss / d each choice
-  grad_out = (picked * gates[..., None]).astype(expert_out.dtype)
-  grad_gates = jnp.sum(picked * expert_out.astype(jnp.float32), axis=-1)
+  picked = gather_by_expert(cotangent, token_index)  # (E, G, C, d) f32: d loss / d each choice
+  grad_out = (picked * jnp.swapaxes(gates, 0, 1)[..., None]).astype(expert_out.dtype)
+  grad_gates = jnp.swapaxes(jnp.sum(picked * expert_out.astype(jnp.float32), axis=-1), 0, 1)
   # The gates came out of top_k, whose gradient scatters these (G, E, C) values into (G, E, N).
   # Left to itself XLA fuses this reduction over d into that scatter, a slow kernel on GPU
   # (bench/records/2026-11-26_h100_moe-dispatch-hybrid/); the barrier keeps them apart.
@@ -128,40 +148,44 @@ _hybrid_combine.defvjp(_hybrid_combine_forward, _hybrid_combine_backward)
 
 
 def dispatch(groups: jax.Array, token_index: jax.Array, method: str, dtype) -> jax.Array:
-  """Each expert's chosen tokens: (G, N, d) -> (G, E, C, d) in ``dtype`` (see the module doc)."""
+  """Each expert's chosen tokens: (G, N, d) -> (E, G, C, d) in ``dtype`` (see the module doc)."""
   if method == "einsum":
     onehot = jax.nn.one_hot(token_index, groups.shape[1], dtype=dtype)
-    return jnp.einsum("gecn,gnd->gecd", onehot, groups.astype(dtype))
+    return jnp.einsum("gecn,gnd->egcd", onehot, groups.astype(dtype))
   if method == "hybrid":
     return _hybrid_dispatch(groups.astype(dtype), token_index)
-  return gather_tokens(groups, token_index).astype(dtype)
+  return gather_by_expert(groups, token_index).astype(dtype)
 
 
 def combine(expert_out: jax.Array, gates: jax.Array, token_index: jax.Array,
             num_tokens: int, method: str = "gather") -> jax.Array:
-  """Gate-weighted expert outputs (G, E, C, d) summed back onto their tokens: (G, N, d) f32."""
+  """Gate-weighted expert outputs (E, G, C, d) summed back onto their tokens: (G, N, d) f32."""
   if method == "hybrid":
-    empty = jnp.zeros((expert_out.shape[0], num_tokens, 0), expert_out.dtype)
+    empty = jnp.zeros((expert_out.shape[1], num_tokens, 0), expert_out.dtype)
     return _hybrid_combine(expert_out, gates, token_index, empty)
   if method == "einsum":
     return _one_hot_combine(expert_out, gates, token_index, num_tokens)
-  weighted = expert_out.astype(jnp.float32) * gates[..., None]
+  weighted = jnp.swapaxes(expert_out, 0, 1).astype(jnp.float32) * gates[..., None]
   return scatter_add_tokens(weighted, token_index, num_tokens)
 
 
 def apply_experts(x: jax.Array, w_in: jax.Array, b_in: jax.Array, w_out: jax.Array,
                   b_out: jax.Array, *, dtype, tensor_axis: str | None = None) -> jax.Array:
-  """The stacked GELU expert FFNs as two batched einsums: x (..., E, C, d) -> (..., E, C, d).
+  """The stacked GELU expert FFNs as two batched einsums: x (E, ..., d) -> (E, ..., d).
 
-  ``tensor_axis``: inside ``shard_map`` with the hidden width split over that mesh axis, the
-  partial output projections are summed across it before the output bias.
+  The expert axis leads, so each expert's rows are one contiguous matrix. ``tensor_axis``:
+  inside ``shard_map`` with the hidden width split over that mesh axis, the partial output
+  projections are summed across it before the output bias.
   """
-  h = jnp.einsum("...ecd,edh->...ech", x.astype(dtype), w_in.astype(dtype))
-  h = nnx.gelu(h + b_in.astype(dtype)[:, None, :], approximate=True)
-  y = jnp.einsum("...ech,ehd->...ecd", h, w_out.astype(dtype))
+  def per_expert(bias):  # (E, k) -> (E, 1, ..., 1, k), broadcasting over x's middle axes
+    return bias.astype(dtype).reshape(bias.shape[0], *(1,) * (x.ndim - 2), bias.shape[1])
+
+  h = jnp.einsum("e...d,edh->e...h", x.astype(dtype), w_in.astype(dtype))
+  h = nnx.gelu(h + per_expert(b_in), approximate=True)
+  y = jnp.einsum("e...h,ehd->e...d", h, w_out.astype(dtype))
   if tensor_axis is not None:
     y = jax.lax.psum(y, tensor_axis)
-  return y + b_out.astype(dtype)[:, None, :]
+  return y + per_expert(b_out)
 
 
 def expert_choice_layer(groups: jax.Array, router_kernel: jax.Array, expert_weights, *,

@@ -215,6 +215,18 @@ def test_unknown_dispatch_method_names_the_key():
     tiny_model_config(moe_dispatch="scatter")
 
 
+@pytest.mark.parametrize("method", ["gather", "einsum", "hybrid"])
+def test_dispatch_is_expert_major(method):
+  """Every method hands the experts (E, G, C, d): expert e's C chosen tokens of group g."""
+  k1, k2 = jax.random.split(jax.random.key(8))
+  groups = jax.random.normal(k1, (3, 12, 8))
+  _, token_index = routing.expert_choice_route(jax.random.normal(k2, (3, 12, 4)), 5)
+  got = routing.dispatch(groups, token_index, method, jnp.float32)
+  want = np.stack([[np.asarray(groups)[g][np.asarray(token_index)[g, e]] for g in range(3)]
+                   for e in range(4)])
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_hybrid_dispatch_and_combine_have_the_einsum_gradients():
   """The custom gradients of ``hybrid`` (one-hot matmul back through the gather, gathers back
   through the combine) equal autodiff through the one-hot einsums, for tokens, expert outputs
@@ -227,7 +239,7 @@ def test_hybrid_dispatch_and_combine_have_the_einsum_gradients():
 
   def through(method, groups, gates):
     out = routing.dispatch(groups, token_index, method, jnp.float32)
-    out = jnp.einsum("gecd,edf->gecf", out, head)
+    out = jnp.einsum("egcd,edf->egcf", out, head)
     return jnp.sum(routing.combine(out, gates, token_index, 12, method) * cotangent)
 
   want = jax.grad(lambda *a: through("einsum", *a), argnums=(0, 1))(groups, gates)
