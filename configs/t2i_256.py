@@ -87,6 +87,11 @@ REMAT = "block"
 # about 100 s of compile instead of 30. A checkpoint keeps its layout: a workdir saved with the
 # other one resumes with --config.model.scan_layers=True or False.
 SCAN_LAYERS = {"XL-32E": False, "XXL-32E": True, "3XL-32E": True, "M-64E": True}
+# The qk-norm and its projection's bias as fused Pallas kernels on GPUs (XLA ops on TPUs, where
+# the kernels are untimed): the EC-XL-8E step ran 2.9% faster with them on one H100 (18 heads
+# of 64, as XL) and 2.6% faster on one H200 (16 heads of 72), the same loss
+# (bench/records/2026-12-05_h100_qk-norm-18-heads-and-expert-major-dispatch/).
+QK_NORM_IMPL = "auto"
 T5_V1_1_XXL_WIDTH = 4096
 TEXT_MAX_LEN = 120  # as PixArt-alpha: long enough for most dense captions
 
@@ -101,6 +106,7 @@ def get_config(arg: str = "XL-32E") -> ml_collections.ConfigDict:
   config = config_dict()
   config.model.update(model_overrides(variant))
   config.model.update(in_channels=4, remat=REMAT, scan_layers=SCAN_LAYERS[variant],
+                      qk_norm_impl=QK_NORM_IMPL,
                       text_encoder="t5", text_hidden_size=T5_V1_1_XXL_WIDTH,
                       text_max_len=TEXT_MAX_LEN)
   # Required on the command line: the latents and the weights directories

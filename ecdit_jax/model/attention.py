@@ -154,4 +154,5 @@ class Attention(nnx.Module):
     """``norm(projection(x))`` with the bias, norm and scale in model/fused_qk_norm's kernels."""
     return fused_qk_norm.bias_rms_norm(
         projection.project(x), projection.bias[...], norm.scale[...], eps=norm.eps,
-        head_axis=head_axis, mesh=self.mesh, interpret=self.qk_norm_impl == "pallas_interpret")
+        head_axis=head_axis, mesh=self.mesh, interpret=self.qk_norm_impl == "pallas_interpret",
+        tpu_kernel=self.qk_norm_impl != "auto")

@@ -25,8 +25,9 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # (Triton on GPUs, Mosaic on TPUs, their math in XLA ops on CPUs); "pallas_interpret" runs
 # those kernels in the Pallas interpreter (any backend, slowly: for checking them on a CPU).
 NORM_IMPLS = ("xla", "pallas", "pallas_interpret")
-# The qk-norm with its projection's bias: XLA ops or model/fused_qk_norm.py's kernels, likewise.
-QK_NORM_IMPLS = NORM_IMPLS
+# The qk-norm with its projection's bias: XLA ops or model/fused_qk_norm.py's kernels, likewise;
+# "auto": the kernels where they were measured faster (GPUs), XLA ops elsewhere (TPUs, CPUs).
+QK_NORM_IMPLS = NORM_IMPLS + ("auto",)
 # "scratch": the small transformer of model/text.py, trained with the DiT. "t5" / "clip": a
 # frozen pretrained encoder outside the model (train/text_conditioning.py); the DiT then gets its
 # last hidden states as the context and has no text parameters of its own.

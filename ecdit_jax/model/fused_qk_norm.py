@@ -23,7 +23,8 @@ output blocks. The interpreter runs either (``widen``), which is how the tests c
 
 Measured on one H200 (bench/records/2026-12-05_h200_qk-norm-kernel): the EC-XL-8E step at batch
 64 went from 349.1 to 358.3 model TFLOP/s with 16 heads. Heads that are no power of two (the
-presets' 18, 24, 36, 48) load blocks with masked rows; that layout is not yet timed.
+presets' 18, 24, 36, 48) load blocks with masked rows: with 18 heads the step went from 330.6 to
+340.2 on one H100 (bench/records/2026-12-05_h100_qk-norm-18-heads-and-expert-major-dispatch).
 
 On a mesh the kernels run per device under ``shard_map``: batch over the data-like axes, heads
 over the tensor axis, as the attention's activations are laid out.
@@ -66,13 +67,14 @@ def reference(z: jax.Array, bias: jax.Array, scale: jax.Array, eps: float) -> ja
 
 def bias_rms_norm(z: jax.Array, bias: jax.Array, scale: jax.Array, *, eps: float,
                   head_axis: str = axes.HEADS, mesh=None, interpret: bool = False,
-                  widen: bool | None = None) -> jax.Array:
+                  widen: bool | None = None, tpu_kernel: bool = True) -> jax.Array:
   """``reference(z, bias, scale)`` by the fused kernels, differentiable in all three: z
   (B, S, H, D) (a projection's output without its bias), bias (H, D), scale (D,). ``head_axis``:
   the logical axis of z's heads (queries' or keys'); ``mesh``: run per device with the
   activations' layout (None or one device: no ``shard_map``). ``widen``: the GPU layout (True),
-  the TPU one (False), or the compiling platform's (None; the TPU one in the interpreter)."""
-  fn = functools.partial(_per_device, eps=eps, mode=(interpret, widen))
+  the TPU one (False), or the compiling platform's (None; the TPU one in the interpreter).
+  ``tpu_kernel=False``: on TPUs the same math in XLA ops instead of the Mosaic kernels."""
+  fn = functools.partial(_per_device, eps=eps, mode=(interpret, widen, tpu_kernel))
   bias = bias.astype(z.dtype)  # added in z's dtype; its gradient returns through this cast
   if mesh is None or mesh.size == 1:
     return fn(z, bias, scale)
@@ -233,7 +235,7 @@ def _forward(z, bias, scale, eps, mode):
         compiler_params=_compiler_params(layout, gpu, interpret),
         name="qk_bias_rms_norm_fwd")(z, _bias_array(bias, layout), scale[None])
   return blocks.per_platform(call, functools.partial(_forward_without_kernel, eps=eps), z, bias,
-                             scale, mode=mode)
+                             scale, mode=mode[:2], tpu_kernel=mode[2])
 
 
 def _backward(z, bias, scale, rstd, dy, mode):
@@ -255,7 +257,8 @@ def _backward(z, bias, scale, rstd, dy, mode):
     # Row r of every block holds head r % h: fold the programs' sums by head.
     dbias = dbias[:, :layout.rows].reshape(-1, heads, d).sum(0)
     return dz, dbias, dscale.sum((0, 1))
-  return blocks.per_platform(call, _backward_without_kernel, z, bias, scale, rstd, dy, mode=mode)
+  return blocks.per_platform(call, _backward_without_kernel, z, bias, scale, rstd, dy,
+                             mode=mode[:2], tpu_kernel=mode[2])
 
 
 def _loop_block(layout: _Layout, program, step):

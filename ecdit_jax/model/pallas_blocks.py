@@ -17,18 +17,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 
-def per_platform(call, without_kernel, *args, mode: tuple[bool, bool | None]):
+def per_platform(call, without_kernel, *args, mode: tuple[bool, bool | None],
+                 tpu_kernel: bool = True):
   """``call(*args, gpu=..., interpret=...)`` for the platform that compiles it: values widened
   to a power of two on GPUs, blocks as they are on TPUs; on CPUs, which compile no Pallas
-  kernel, ``without_kernel(*args)``, the same math in XLA ops. ``mode`` = (interpret, widen):
-  the interpreter, or a forced layout (widen=True: the GPU one)."""
+  kernel, ``without_kernel(*args)``, the same math in XLA ops (on TPUs too unless
+  ``tpu_kernel``). ``mode`` = (interpret, widen): the interpreter, or a forced layout
+  (widen=True: the GPU one)."""
   interpret, widen = mode
   if interpret or widen is not None:
     return call(*args, gpu=bool(widen), interpret=interpret)
   call = functools.partial(call, interpret=False)
+  tpu = functools.partial(call, gpu=False) if tpu_kernel else without_kernel
   return lax.platform_dependent(*args, cuda=functools.partial(call, gpu=True),
-                                rocm=functools.partial(call, gpu=True),
-                                tpu=functools.partial(call, gpu=False), default=without_kernel)
+                                rocm=functools.partial(call, gpu=True), tpu=tpu,
+                                default=without_kernel)
 
 
 def triton():

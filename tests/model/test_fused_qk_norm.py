@@ -3,6 +3,7 @@ in the Pallas interpreter in both layouts (the GPU loop and the TPU grid), with 
 program, on a mesh with the heads split, and inside the DiT; and the kernels lowered for GPUs
 (Triton) and TPUs (Mosaic) on this CPU."""
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,20 @@ def test_the_kernels_lower_for_gpus_and_tpus(platform, custom_call, heads, d):
       raise
     pytest.skip("this jax lowers Triton kernels only on a machine with a GPU")
   assert exported.mlir_module().count(f"@{custom_call}(") == 2
+
+
+def test_auto_lowers_no_kernel_for_tpus():
+  """``qk_norm_impl="auto"`` (``tpu_kernel=False``): on TPUs, where the kernels are untimed, the
+  same math in XLA ops, with no Mosaic kernel in the program; the GPU branch keeps Triton's."""
+  args = [jax.ShapeDtypeStruct((8, 256, 18, 64), jnp.bfloat16),
+          jax.ShapeDtypeStruct((18, 64), jnp.float32), jax.ShapeDtypeStruct((64,), jnp.float32)]
+  loss = lambda *a, tpu_kernel: jnp.sum(fused_qk_norm.bias_rms_norm(
+      *a, eps=EPS, tpu_kernel=tpu_kernel).astype(jnp.float32))
+  for tpu_kernel, kernels in ((True, 2), (False, 0)):
+    step = jax.jit(jax.grad(functools.partial(loss, tpu_kernel=tpu_kernel), argnums=(0, 1, 2)))
+    exported = jax.export.export(step, platforms=["tpu"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("tpu_custom_call")])(*args)
+    assert exported.mlir_module().count("@tpu_custom_call(") == kernels
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
