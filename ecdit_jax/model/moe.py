@@ -9,6 +9,8 @@ otherwise it runs as one program that XLA partitions.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,6 +18,7 @@ from flax import nnx
 from ecdit_jax.model import expert_parallel, routing
 from ecdit_jax.model.config import ModelConfig
 from ecdit_jax.parallel import axes
+from ecdit_jax.parallel import mesh as mesh_lib
 
 
 class Experts(nnx.Module):
@@ -91,6 +94,7 @@ class ExpertChoiceFFN(_RoutedFFN):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mesh=None):
     super().__init__(config, rngs=rngs)
     self.expert_mesh = mesh if mesh is not None and mesh.shape["expert"] > 1 else None
+    self.mesh = mesh
 
   def __call__(self, x: jax.Array, *, train: bool = True,
                capacity_factor: float | None = None) -> tuple[jax.Array, dict]:
@@ -104,9 +108,15 @@ class ExpertChoiceFFN(_RoutedFFN):
           x, *weights, mesh=self.expert_mesh, capacity=capacity,
           group_size=cfg.routing_group_size, dtype=cfg.compute_dtype, method=cfg.moe_dispatch)
     else:
+      # The experts' buffers, (E, G, C, d), pinned to groups split like the batch: left to
+      # propagation, on a data x fsdp x tensor mesh XLA (jax 0.10) split them by width over
+      # tensor as well, and the partitioned program computed wrong outputs
+      # (tests/parallel/test_mesh.py::test_sharded_forward_equals_unsharded).
+      pin = functools.partial(mesh_lib.constrain, names=(None, mesh_lib.BATCH, None, None),
+                              mesh=self.mesh)
       y, logits, counts = routing.expert_choice_layer(
           routing.to_groups(x, cfg.routing_group_size), *weights, capacity=capacity,
-          method=cfg.moe_dispatch, dtype=cfg.compute_dtype)
+          method=cfg.moe_dispatch, dtype=cfg.compute_dtype, pin=pin)
       y = y.reshape(b, s, d)
     return y, self._aux(logits, counts, (b, s))
 

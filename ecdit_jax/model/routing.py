@@ -81,13 +81,18 @@ def gather_by_expert(x: jax.Array, token_index: jax.Array) -> jax.Array:
                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def scatter_add_tokens(values: jax.Array, token_index: jax.Array, num_tokens: int) -> jax.Array:
-  """values (G, E, C, d) added into (G, N, d) at token_index (G, E, C); float32 accumulation."""
-  g, e, c, d = values.shape
-  flat_values = values.reshape(g, e * c, d).astype(jnp.float32)
-  flat_index = token_index.reshape(g, e * c)
+def scatter_add_by_expert(values: jax.Array, token_index: jax.Array,
+                          num_tokens: int) -> jax.Array:
+  """values (E, G, C, d) added into (G, N, d) at token_index (G, E, C), float32: the transpose
+  of ``gather_by_expert``, one scatter batched over the groups."""
+  e, g, c, d = values.shape
+  numbers = jax.lax.ScatterDimensionNumbers(
+      update_window_dims=(3,), inserted_window_dims=(1,), scatter_dims_to_operand_dims=(1,),
+      operand_batching_dims=(0,), scatter_indices_batching_dims=(1,))
+  index = jnp.swapaxes(token_index, 0, 1)[..., None]  # (E, G, C, 1)
   zeros = jnp.zeros((g, num_tokens, d), jnp.float32)
-  return jax.vmap(lambda out, idx, v: out.at[idx].add(v))(zeros, flat_index, flat_values)
+  return jax.lax.scatter_add(zeros, index, values.astype(jnp.float32), numbers,
+                             mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 def _one_hot_combine(expert_out, gates, token_index, num_tokens):
@@ -165,8 +170,8 @@ def combine(expert_out: jax.Array, gates: jax.Array, token_index: jax.Array,
     return _hybrid_combine(expert_out, gates, token_index, empty)
   if method == "einsum":
     return _one_hot_combine(expert_out, gates, token_index, num_tokens)
-  weighted = jnp.swapaxes(expert_out, 0, 1).astype(jnp.float32) * gates[..., None]
-  return scatter_add_tokens(weighted, token_index, num_tokens)
+  weighted = expert_out.astype(jnp.float32) * jnp.swapaxes(gates, 0, 1)[..., None]
+  return scatter_add_by_expert(weighted, token_index, num_tokens)
 
 
 def apply_experts(x: jax.Array, w_in: jax.Array, b_in: jax.Array, w_out: jax.Array,
@@ -190,21 +195,25 @@ def apply_experts(x: jax.Array, w_in: jax.Array, b_in: jax.Array, w_out: jax.Arr
 
 def expert_choice_layer(groups: jax.Array, router_kernel: jax.Array, expert_weights, *,
                         capacity: int, method: str, dtype, exchange=None,
-                        tensor_axis: str | None = None):
+                        tensor_axis: str | None = None, pin=None):
   """One expert-choice layer on (G, N, d) groups: route, dispatch, experts, combine.
 
   ``exchange`` (None on one device) = (to_experts, from_experts): the all_to_all pair that
-  the expert-parallel layer runs around the experts. Returns (y (G, N, d) in the groups'
-  dtype, logits (G, N, E) float32, experts per token (G, N) int32).
+  the expert-parallel layer runs around the experts. ``pin`` (None: nothing to pin): a
+  function that fixes the sharding of the (E, G, C, d) buffers going into and out of the
+  experts. Returns (y (G, N, d) in the groups' dtype, logits (G, N, E) float32, experts per
+  token (G, N) int32).
   """
+  pin = pin or (lambda x: x)
   logits = router_logits(groups, router_kernel)
   gates, token_index = expert_choice_route(logits, capacity)
-  dispatched = dispatch(groups, token_index, method, dtype)
+  dispatched = pin(dispatch(groups, token_index, method, dtype))
   if exchange is not None:
     dispatched = exchange[0](dispatched)
   out = apply_experts(dispatched, *expert_weights, dtype=dtype, tensor_axis=tensor_axis)
   if exchange is not None:
     out = exchange[1](out)
+  out = pin(out)
   y = combine(out, gates, token_index, groups.shape[1], method).astype(groups.dtype)
   return y, logits, expert_counts(token_index, groups.shape[1])
 
