@@ -14,7 +14,8 @@
 # blocks (a short compile) unless a tag says otherwise. Tags: unrolled (the layers one after
 # the other: a longer compile, a faster step), offload (EMA and optimizer moments in host memory
 # between steps, config.host_offload=ema,optimizer), offloadema (the EMA alone), castinloop
-# (config.cast_weights_once=False: every micro-batch casts the weights itself). Each run
+# (config.cast_weights_once=False: every micro-batch casts the weights itself), qkpallas (the
+# qk-norm by the fused kernels, as configs/t2i_256.py's qk_norm_impl=auto on GPUs). Each run
 # writes OUT_DIR/recipe_<run>.json and .log; one that fails (out of memory, say) is reported
 # and the rest go on; the exit status is 1 if any failed.
 #
@@ -32,8 +33,8 @@ BATCH="${BATCH:-4096}"
 # unrolled layers at 1024 and 512 images, then the scan at 512 (records/
 # 2026-12-05_h200_recipe-micro-batch-and-unrolled). The winners come first, then the other levers.
 RUNS="${RUNS:-block_mb1024_unrolled block_mb512_unrolled block_mb512 block_mb256 block_mb64
-  block_mb64_castinloop matmuls_mb64 dots_mb128 block_mb1024_offloadema dots_mb256_offload
-  none_mb64_offload none_mb64_unrolled_offload}"
+  block_mb1024_unrolled_qkpallas block_mb64_castinloop matmuls_mb64 dots_mb128
+  block_mb1024_offloadema dots_mb256_offload none_mb64_offload none_mb64_unrolled_offload}"
 
 for run in $RUNS; do
   remat="${run%%_*}"
@@ -42,12 +43,14 @@ for run in $RUNS; do
   scan=true
   offload=
   cast_once=true
+  qk_norm=xla
   for tag in "${tags[@]:1}"; do
     case "$tag" in
       unrolled) scan=false ;;
       castinloop) cast_once=false ;;
       offload) offload=ema,optimizer ;;
       offloadema) offload=ema ;;
+      qkpallas) qk_norm=pallas ;;
       *) micro=bad ;;
     esac
   done
@@ -60,7 +63,7 @@ for run in $RUNS; do
   args=(bench/step.py --preset=XL-32E --num_devices=1 --mesh=data=1 --batch_size="$BATCH"
         --grad_accum_steps=$((BATCH / micro)) --scan_layers="$scan" --remat="$remat"
         --moe_dispatch=hybrid --momentum_dtype=bfloat16 --host_offload="$offload"
-        --cast_weights_once="$cast_once" --steps=1
+        --cast_weights_once="$cast_once" --qk_norm_impl="$qk_norm" --steps=1
         --windows=2 --warmup=1)
   [ -n "${PROFILE:-}" ] && args+=(--profile_dir="$OUT/profile_$name")
   run "$name" "${args[@]}"
