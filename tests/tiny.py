@@ -93,6 +93,14 @@ def dit_runs_by(key: str, values=("xla", "pallas_interpret")) -> dict:
   return runs
 
 
+def value_and_grads(fn, *args_and_cotangent):
+  """fn(*args) and the gradients of <fn(*args), cotangent> with respect to each argument, as one
+  tuple: a kernel's outputs and its backward pass, to compare with a reference's."""
+  *args, cotangent = args_and_cotangent
+  y, vjp = jax.vjp(fn, *args)
+  return (y, *vjp(cotangent))
+
+
 def assert_same_loss_and_grads(got, want, rtol=2e-3, atol=2e-6) -> None:
   """Two ``dit_runs_by`` entries agree: loss to 1e-5, every gradient within the tolerances."""
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5)

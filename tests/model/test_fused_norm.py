@@ -10,7 +10,7 @@ import pytest
 
 from ecdit_jax.model import fused_norm
 from ecdit_jax.parallel import mesh as mesh_lib
-from tests.tiny import assert_same_loss_and_grads, dit_runs_by
+from tests.tiny import assert_same_loss_and_grads, dit_runs_by, value_and_grads
 
 EPS = 1e-6
 
@@ -22,11 +22,6 @@ def _inputs(shape, dtype=jnp.float32, seed=0):
   shift, scale = (jax.random.normal(k, (b, d)) for k in keys[1:3])
   dy = jax.random.normal(keys[3], shape)
   return tuple(a.astype(dtype) for a in (x, shift, scale, dy))
-
-
-def _value_and_grads(fn, x, shift, scale, dy):
-  y, vjp = jax.vjp(fn, x, shift, scale)
-  return (y, *vjp(dy))
 
 
 def _layer_norm_numpy(x, shift, scale):
@@ -47,8 +42,8 @@ def test_the_xla_reference_is_layer_norm_then_modulate():
 @pytest.mark.parametrize("widen", [False, True], ids=["exact", "widened"])
 def test_kernels_match_xla_outputs_and_gradients(shape, widen):
   inputs = _inputs(shape)
-  want = _value_and_grads(lambda *a: fused_norm.reference(*a, EPS), *inputs)
-  got = _value_and_grads(
+  want = value_and_grads(lambda *a: fused_norm.reference(*a, EPS), *inputs)
+  got = value_and_grads(
       lambda *a: fused_norm.norm_modulate(*a, eps=EPS, interpret=True, widen=widen), *inputs)
   for name, g, w in zip(("y", "dx", "dshift", "dscale"), got, want):
     assert g.shape == w.shape and g.dtype == w.dtype, name
@@ -61,17 +56,17 @@ def test_compiled_for_a_cpu_the_same_steps_run_as_xla_ops():
   inputs = _inputs((2, 24, 40))
   fused = lambda *a: fused_norm.norm_modulate(*a, eps=EPS)
   assert jax.default_backend() == "cpu"
-  got = jax.jit(lambda *a: _value_and_grads(fused, *a))(*inputs)
-  want = _value_and_grads(lambda *a: fused_norm.reference(*a, EPS), *inputs)
+  got = jax.jit(lambda *a: value_and_grads(fused, *a))(*inputs)
+  want = value_and_grads(lambda *a: fused_norm.reference(*a, EPS), *inputs)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
 
 
 def test_bfloat16_inputs_give_bfloat16_results_close_to_the_float32_ones():
   inputs = _inputs((2, 32, 64))
-  want = _value_and_grads(lambda *a: fused_norm.reference(*a, EPS), *inputs)
+  want = value_and_grads(lambda *a: fused_norm.reference(*a, EPS), *inputs)
   low = tuple(a.astype(jnp.bfloat16) for a in inputs)
-  got = _value_and_grads(lambda *a: fused_norm.norm_modulate(*a, eps=EPS, interpret=True), *low)
+  got = value_and_grads(lambda *a: fused_norm.norm_modulate(*a, eps=EPS, interpret=True), *low)
   for g, w in zip(got, want):
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=5e-2, atol=5e-2)
@@ -80,7 +75,7 @@ def test_bfloat16_inputs_give_bfloat16_results_close_to_the_float32_ones():
 def test_on_a_mesh_each_device_normalises_its_share_of_the_batch():
   mesh = mesh_lib.create_mesh(mesh_lib.MeshConfig.parse("data=2,fsdp=4"), jax.devices()[:8])
   inputs = _inputs((8, 16, 32))
-  run = lambda m: jax.jit(lambda *a: _value_and_grads(
+  run = lambda m: jax.jit(lambda *a: value_and_grads(
       lambda *b: fused_norm.norm_modulate(*b, eps=EPS, mesh=m, interpret=True), *a))(*inputs)
   program = str(jax.make_jaxpr(
       lambda *a: fused_norm.norm_modulate(*a, eps=EPS, mesh=mesh, interpret=True))(*inputs[:3]))
@@ -157,8 +152,8 @@ def test_on_a_gpu_the_compiled_kernels_match_xla(shape, dtype):
   two) and with rows that do not fill a block: outputs and gradients against XLA's."""
   inputs = _inputs(shape, dtype)
   fused = lambda *a: fused_norm.norm_modulate(*a, eps=EPS)
-  got = jax.jit(lambda *a: _value_and_grads(fused, *a))(*inputs)
-  want = jax.jit(lambda *a: _value_and_grads(lambda *b: fused_norm.reference(*b, EPS), *a))(
+  got = jax.jit(lambda *a: value_and_grads(fused, *a))(*inputs)
+  want = jax.jit(lambda *a: value_and_grads(lambda *b: fused_norm.reference(*b, EPS), *a))(
       *(a.astype(jnp.float32) for a in inputs))
   tol = 2e-4 if dtype == jnp.float32 else 5e-2
   for name, g, w in zip(("y", "dx", "dshift", "dscale"), got, want):

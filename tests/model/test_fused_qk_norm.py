@@ -13,7 +13,8 @@ import pytest
 from ecdit_jax.model import fused_qk_norm
 from ecdit_jax.parallel import axes
 from ecdit_jax.parallel import mesh as mesh_lib
-from tests.tiny import assert_same_loss_and_grads, dit_runs_by, tiny_model_config
+from tests.tiny import (assert_same_loss_and_grads, dit_runs_by, tiny_model_config,
+                        value_and_grads)
 
 EPS = 1e-6
 
@@ -26,11 +27,6 @@ def _inputs(shape, dtype=jnp.float32, seed=0):
   scale = 1 + 0.3 * jax.random.normal(keys[2], (d,))
   dy = jax.random.normal(keys[3], shape)
   return tuple(a.astype(dtype) for a in (z, bias, scale, dy))
-
-
-def _value_and_grads(fn, z, bias, scale, dy):
-  y, vjp = jax.vjp(fn, z, bias, scale)
-  return (y, *vjp(dy))
 
 
 def _numpy_reference(z, bias, scale):
@@ -74,8 +70,8 @@ def test_kernels_match_xla_outputs_and_gradients(shape, widen, programs, monkeyp
   if programs:  # unless a TPU block is the whole array (heads 3 and 6 here)
     assert layout.steps > 1 or (not widen and layout.rows == n)
   inputs = _inputs(shape)
-  want = _value_and_grads(lambda *a: fused_qk_norm.reference(*a, EPS), *inputs)
-  got = _value_and_grads(
+  want = value_and_grads(lambda *a: fused_qk_norm.reference(*a, EPS), *inputs)
+  got = value_and_grads(
       lambda *a: fused_qk_norm.bias_rms_norm(*a, eps=EPS, interpret=True, widen=widen), *inputs)
   _check(got, want, 3e-5)
 
@@ -104,16 +100,16 @@ def test_compiled_for_a_cpu_the_same_steps_run_as_xla_ops():
   inputs = _inputs((2, 24, 4, 40))
   assert jax.default_backend() == "cpu"
   fused = lambda *a: fused_qk_norm.bias_rms_norm(*a, eps=EPS)
-  got = jax.jit(lambda *a: _value_and_grads(fused, *a))(*inputs)
-  want = _value_and_grads(lambda *a: fused_qk_norm.reference(*a, EPS), *inputs)
+  got = jax.jit(lambda *a: value_and_grads(fused, *a))(*inputs)
+  want = value_and_grads(lambda *a: fused_qk_norm.reference(*a, EPS), *inputs)
   _check(got, want, 2e-5)
 
 
 def test_bfloat16_inputs_give_bfloat16_results_close_to_the_float32_ones():
   z, bias, scale, dy = _inputs((2, 32, 4, 64))
-  want = _value_and_grads(lambda *a: fused_qk_norm.reference(*a, EPS), z, bias, scale, dy)
+  want = value_and_grads(lambda *a: fused_qk_norm.reference(*a, EPS), z, bias, scale, dy)
   z16, dy16 = z.astype(jnp.bfloat16), dy.astype(jnp.bfloat16)
-  got = _value_and_grads(lambda *a: fused_qk_norm.bias_rms_norm(*a, eps=EPS, interpret=True),
+  got = value_and_grads(lambda *a: fused_qk_norm.bias_rms_norm(*a, eps=EPS, interpret=True),
                          z16, bias, scale, dy16)
   assert got[0].dtype == got[1].dtype == jnp.bfloat16 and got[2].dtype == jnp.float32
   _check([g.astype(w.dtype) for g, w in zip(got, want)], want, 5e-2)
@@ -125,7 +121,7 @@ def test_on_a_mesh_each_device_normalises_its_batch_and_heads():
   inputs = _inputs((8, 16, 4, 32))
   fused = lambda m: lambda *b: fused_qk_norm.bias_rms_norm(
       *b, eps=EPS, head_axis=axes.HEADS, mesh=m, interpret=True)
-  run = lambda m: jax.jit(lambda *a: _value_and_grads(fused(m), *a))(*inputs)
+  run = lambda m: jax.jit(lambda *a: value_and_grads(fused(m), *a))(*inputs)
   assert "shard_map" in str(jax.make_jaxpr(fused(mesh))(*inputs[:3]))
   for got, want in zip(run(mesh), run(None)):  # dscale: summed over devices in another order
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -180,9 +176,9 @@ def test_on_a_gpu_the_compiled_kernels_match_xla(shape):
   64 wide, and text keys), against XLA's float32 math."""
   z, bias, scale, dy = _inputs(shape)
   fused = lambda *a: fused_qk_norm.bias_rms_norm(*a, eps=EPS)
-  got = jax.jit(lambda *a: _value_and_grads(fused, *a))(
+  got = jax.jit(lambda *a: value_and_grads(fused, *a))(
       z.astype(jnp.bfloat16), bias, scale, dy.astype(jnp.bfloat16))
-  want = jax.jit(lambda *a: _value_and_grads(
+  want = jax.jit(lambda *a: value_and_grads(
       lambda *b: fused_qk_norm.reference(*b, EPS), *a))(
       z.astype(jnp.bfloat16).astype(jnp.float32), bias, scale,
       dy.astype(jnp.bfloat16).astype(jnp.float32))
