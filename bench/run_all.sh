@@ -7,7 +7,7 @@
 # scanned EC step with adaLN's norm by XLA and by the fused Pallas kernels, the hybrid EC step
 # with XLA's attention instead of cuDNN's flash kernels, the hybrid EC step with the qk-norm and
 # its bias in the fused Pallas kernels (model/fused_qk_norm.py), with 16 heads of 72 and with the
-# XL presets' 18 heads of 64 (with and without the kernels), those kernels and adaLN's alone
+# XL presets' 18 heads of 64 (with and without the kernels), the dense step with them, those kernels and adaLN's alone
 # against XLA (bench/fused_kernels.py, the qk-norm's GPU layouts swept), the paper's recipe
 # lever by lever (bench/recipe.sh: remat, micro-batch, scan or unrolled, host offload), and,
 # where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split over
@@ -50,13 +50,15 @@ for name in step_ec_xl_8e step_ec_xl_8e_einsum step_ec_xl_8e_hybrid step_dense_x
     step_ec_xl_8e_hybrid_bf16m_block_scan step_ec_xl_8e_hybrid_bf16m_scan \
     step_ec_xl_8e_hybrid_bf16m_scan_pallasnorm step_ec_xl_8e_hybrid_bf16m_xla_attention \
     step_ec_xl_8e_hybrid_bf16m_pallas_qknorm step_ec_xl_8e_hybrid_bf16m_heads18 \
-    step_ec_xl_8e_hybrid_bf16m_heads18_pallas_qknorm; do
+    step_ec_xl_8e_hybrid_bf16m_heads18_pallas_qknorm step_dense_xl_bf16m_pallas_qknorm; do
   case "$name" in
     step_ec_xl_8e) flags=(--model=ec) ;;
     step_ec_xl_8e_einsum) flags=(--model=ec --moe_dispatch=einsum) ;;
     step_ec_xl_8e_hybrid) flags=(--model=ec --moe_dispatch=hybrid) ;;
     step_ec_xl_8e_hybrid_bf16m) flags=(--model=ec --moe_dispatch=hybrid --momentum_dtype=bfloat16) ;;
     step_dense_xl_bf16m) flags=(--model=dense --momentum_dtype=bfloat16) ;;
+    step_dense_xl_bf16m_pallas_qknorm) flags=(--model=dense --momentum_dtype=bfloat16
+        --qk_norm_impl=pallas) ;;
     step_ec_xl_8e_hybrid_bf16m_block) flags=(--model=ec --moe_dispatch=hybrid
         --momentum_dtype=bfloat16 --remat=block) ;;
     step_ec_xl_8e_hybrid_bf16m_block_scan) flags=(--model=ec --moe_dispatch=hybrid
