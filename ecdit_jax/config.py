@@ -224,6 +224,13 @@ class TrainConfig:
   # a step where XLA leaves the casts in the loop, for their compute-dtype copy held through the
   # step.
   cast_weights_once: bool = True
+  # Where the weights are split over devices (fsdp; tensor; expert with mesh.dense_over_expert),
+  # with several micro-batches: False leaves it to XLA, which may gather some weights once a
+  # step, before the micro-batches, and hold them whole through all of them (fewer collectives,
+  # more memory on every device); True gathers them in every micro-batch, so no whole copy is
+  # held from one micro-batch to the next (FSDP's memory, one all-gather of the weights per
+  # micro-batch). The gradient sums stay split like the parameters either way.
+  gather_weights_per_micro_batch: bool = False
   num_train_steps: int = 10_000
   # RMSProp with momentum 0.9 takes steps ~1/(1 - 0.9) = 10x the learning rate in size, so
   # 3e-4 here is comparable to Adam at 3e-3; 1e-3 and above train worse or diverge.
@@ -308,8 +315,9 @@ def _validate(c: TrainConfig) -> None:
       part in HOST_OFFLOADS for part in c.host_offloaded),
          f"config.host_offload={c.host_offload!r} must list parts of {HOST_OFFLOADS}, "
          "comma-separated, or be empty")
-  _check(isinstance(c.cast_weights_once, bool),
-         f"config.cast_weights_once={c.cast_weights_once!r} must be True or False")
+  for key in ("cast_weights_once", "gather_weights_per_micro_batch"):
+    _check(isinstance(getattr(c, key), bool),
+           f"config.{key}={getattr(c, key)!r} must be True or False")
   _check(0 <= c.momentum < 1, f"config.momentum={c.momentum} must be in [0, 1)")
   _check(0 <= c.ema_decay < 1, f"config.ema_decay={c.ema_decay} must be in [0, 1)")
   _check(c.grad_clip_norm >= 0, f"config.grad_clip_norm={c.grad_clip_norm} must be >= 0")

@@ -128,7 +128,12 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig,
 
     def accumulate(grad_sum, inputs):
       index, micro_batch = inputs
-      grads, (loss, aux) = grad_fn(params, micro_batch, jax.random.fold_in(step_rng, index))
+      weights = params
+      if cfg.gather_weights_per_micro_batch:
+        # Tied to the micro-batch by the barrier, the weights (and so their all-gathers) vary
+        # with the loop: XLA cannot hoist the gathers out of it and hold every weight whole.
+        weights, micro_batch = jax.lax.optimization_barrier((params, micro_batch))
+      grads, (loss, aux) = grad_fn(weights, micro_batch, jax.random.fold_in(step_rng, index))
       return jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)

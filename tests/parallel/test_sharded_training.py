@@ -2,6 +2,7 @@
 gradients and three training steps, on meshes of 8 simulated CPU devices."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,37 @@ def test_config_errors_name_the_mesh_key():
     config_lib.check_devices(_config(batch_size=12), 8, 1)  # 8 data shards
   with pytest.raises(ConfigError, match=r"config\.mesh"):
     config_lib.check_devices(_config(**{"mesh.data": 3}), 8, 1)
+
+
+def _whole_split_weights_in_loops(config, mesh) -> list[str]:
+  """The shapes of parameters split over ``mesh`` that some loop of the compiled train step
+  carries whole (every while loop's state, per device after partitioning)."""
+  optimizer = make_optimizer(config)
+  graphdef, state, shardings = sharding.init_train_state(config.model, optimizer, config.seed,
+                                                         mesh)
+  step = sharding.jit_train_step(
+      make_train_step(graphdef, config, optimizer, _null(config.model), masked=True),
+      shardings, mesh)
+  batch = sharding.global_batch(_batches(config.model, 1)[0], mesh)
+  hlo = step.lower(state, batch).compile().as_text()
+  text = lambda shape: "f32[" + ",".join(map(str, shape)) + "]"
+  leaves = jax.tree.leaves(state.params)
+  per_device = {text(x.sharding.shard_shape(x.shape)) for x in leaves}
+  whole = {text(x.shape) for x in leaves if x.ndim >= 2} - per_device
+  carries = re.findall(r"= \((.*?)\) while\(", hlo)
+  assert carries, "no loop in the compiled step"
+  return sorted(shape for shape in whole if any(shape + "{" in c for c in carries))
+
+
+def test_weights_gathered_in_every_micro_batch_train_the_same(reference):
+  """config.gather_weights_per_micro_batch: on an fsdp mesh no loop of the step holds a split
+  weight whole (left to itself, XLA hoists the all-gathers out of the accumulation loop and
+  carries the whole weights through it), and training gives the single-device numbers."""
+  config, batches, (_, _, losses0, state0) = reference
+  config = config.replace(gather_weights_per_micro_batch=True)
+  mesh = _mesh({"fsdp": 8})
+  assert _whole_split_weights_in_loops(config, mesh) == []
+  _, _, losses, state = _run(config, mesh, batches)
+  np.testing.assert_allclose(losses, losses0, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
