@@ -12,7 +12,8 @@
 # lever by lever (bench/recipe.sh: remat, micro-batch, scan or unrolled, host offload), and,
 # where at least 2 devices are visible, EC-XL with 32 experts on 2 devices (experts split over
 # an expert axis, then parameters over an fsdp axis, then the experts over the expert axis with
-# the dense weights split over it too). Run from anywhere:
+# the dense weights split over it too, then fsdp with 4 micro-batches, the weights gathered where
+# XLA puts it or in every micro-batch). Run from anywhere:
 #
 #   bash bench/run_all.sh [OUT_DIR]   # default bench/out; a relative OUT_DIR is from the repo root
 #   EXTRA_ARGS=--smoke bash bench/run_all.sh bench/out_smoke   # tiny models, e.g. on a CPU
@@ -109,6 +110,15 @@ if ((DEVICES >= 2)); then
   # The dense weights split over the expert axis too (config.mesh.dense_over_expert).
   run step_ec_xl_32e_2dev_expert2_dense_over_expert bench/step.py --model=ec --num_experts=32 \
     --num_devices=2 --mesh=fsdp=1,expert=2 --dense_over_expert --batch_size="$BATCH_2"
+  # FSDP with 4 micro-batches: the weights where XLA gathers them, then gathered in every
+  # micro-batch (config.gather_weights_per_micro_batch).
+  for gather in xla per_micro_batch; do
+    flags=()
+    [ "$gather" = per_micro_batch ] && flags=(--gather_weights_per_micro_batch)
+    run "step_ec_xl_32e_2dev_fsdp2_accum4_gather_$gather" bench/step.py --model=ec \
+      --num_experts=32 --num_devices=2 --mesh=fsdp=2,expert=1 --batch_size="$BATCH_2" \
+      --grad_accum_steps=4 "${flags[@]}"
+  done
 else
   echo "== fewer than 2 devices: the 2-device 32-expert benchmarks are skipped"
 fi

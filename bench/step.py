@@ -78,6 +78,9 @@ def parse_args(argv):
   parser.add_argument("--cast_weights_once", choices=("true", "false"), default=None,
                       help="override config.cast_weights_once: the weights cast to the compute "
                            "dtype once a step (true) or in every micro-batch (false)")
+  parser.add_argument("--gather_weights_per_micro_batch", action="store_true",
+                      help="config.gather_weights_per_micro_batch: split weights gathered in "
+                           "every micro-batch, none held whole through the accumulation loop")
   parser.add_argument("--host_offload", default=None,
                       help="override config.host_offload: state parts kept in host memory "
                            "between steps, e.g. ema,optimizer")
@@ -120,6 +123,7 @@ def main(argv=None) -> dict:
                           cast_weights_once=(config.cast_weights_once
                                              if args.cast_weights_once is None
                                              else args.cast_weights_once == "true"),
+                          gather_weights_per_micro_batch=args.gather_weights_per_micro_batch,
                           mesh=dataclasses.replace(mesh_lib.MeshConfig.parse(args.mesh),
                                                    dense_over_expert=args.dense_over_expert))
   model_config = config.model
@@ -186,6 +190,7 @@ def main(argv=None) -> dict:
           "-bf16momentum" if config.momentum_dtype == "bfloat16" else "") + (
           f"-offload({config.host_offload})" if config.host_offload else "") + (
           "" if config.cast_weights_once else "-cast_in_loop") + (
+          "-gather_per_micro_batch" if config.gather_weights_per_micro_batch else "") + (
           "-dense_over_expert" if config.mesh.dense_over_expert else ""),
       "model": dataclasses.asdict(config.model),
       "param_count": {"total": params.total, "backbone": params.backbone,
@@ -196,6 +201,7 @@ def main(argv=None) -> dict:
       "momentum_dtype": config.momentum_dtype,
       "host_offload": config.host_offload,
       "cast_weights_once": config.cast_weights_once,
+      "gather_weights_per_micro_batch": config.gather_weights_per_micro_batch,
       "mask_ratio": mask_ratio,
       "tokens_per_image": tokens or model_config.num_tokens,
       "mesh": dict(mesh.shape),
