@@ -31,9 +31,11 @@ BATCH="${BATCH:-4096}"
 # Every micro-batch passes over all the weights (their gradients summed, their slices copied out
 # of the stacks), so the fewest, largest micro-batches that fit win: on one H200 block remat with
 # unrolled layers at 1024 and 512 images, then the scan at 512 (records/
-# 2026-12-05_h200_recipe-micro-batch-and-unrolled). The winners come first, then the other levers.
-RUNS="${RUNS:-block_mb1024_unrolled block_mb512_unrolled block_mb512 block_mb256 block_mb64
-  block_mb1024_unrolled_qkpallas block_mb64_castinloop matmuls_mb64 dots_mb128
+# 2026-12-05_h200_recipe-micro-batch-and-unrolled); the qk-norm kernels added 4.1% at 1024
+# (records/2026-12-06_h200_recipe-and-dense-with-qk-kernels). The winners come first, then the
+# other levers.
+RUNS="${RUNS:-block_mb1024_unrolled_qkpallas block_mb1024_unrolled block_mb512_unrolled
+  block_mb512 block_mb256 block_mb64 block_mb64_castinloop matmuls_mb64 dots_mb128
   block_mb1024_offloadema dots_mb256_offload none_mb64_offload none_mb64_unrolled_offload}"
 
 for run in $RUNS; do
