@@ -139,6 +139,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                "eval_capacity_factor": args.capacity_factor,
                "scan_layers": None if args.scan_layers is None else args.scan_layers == "true"}
   config.model.update({k: v for k, v in overrides.items() if v is not None})
+  if args.smoke and args.num_heads:  # the smoke model's head width, at the heads asked for
+    config.model.hidden_size = args.num_heads * (SMOKE_MODEL["hidden_size"]
+                                                 // SMOKE_MODEL["num_heads"])
   config.batch_size = args.batch_size
   config.seed = args.seed
   for key in ("sample_every_steps", "eval_every_steps"):  # training's own sampling: not timed

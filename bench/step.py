@@ -91,8 +91,9 @@ def parse_args(argv):
                            "name ends in .gz), to read what a profile's fusions compute")
   args = parser.parse_args(argv)
   common.apply_smoke(args, calls_flag="steps")
-  if args.smoke:  # the smoke batch is tiny: accumulate over as many micro-batches as it has
-    args.grad_accum_steps = math.gcd(args.grad_accum_steps, args.batch_size)
+  if args.smoke:  # the smoke batch is tiny: as many micro-batches as each device has rows
+    devices = args.num_devices or jax.device_count()
+    args.grad_accum_steps = math.gcd(args.grad_accum_steps, max(args.batch_size // devices, 1))
   if args.smoke and args.steps_per_call > 1:
     args.steps = args.steps_per_call  # one call
   if args.steps_per_call < 1 or args.steps % args.steps_per_call:

@@ -39,6 +39,13 @@ def test_step_benchmark_writes_a_record_and_a_profile(tmp_path):
     assert "ENTRY" in f.read()  # the compiled module's text
 
 
+def test_step_benchmark_smoke_takes_a_head_count_as_run_all_asks(tmp_path):
+  """run_all.sh's 18-head runs: the smoke model widens to keep its head width."""
+  record = _run("step.py", tmp_path, "--num_heads=18", "--num_kv_heads=18")
+  assert record["model"]["num_heads"] == 18 and record["model"]["hidden_size"] % 18 == 0
+  assert record["images_per_s"] > 0
+
+
 def test_sample_benchmark_compares_ec_with_dense_and_profiles_both(tmp_path):
   record = _run("sample.py", tmp_path, f"--profile_dir={tmp_path / 'profile'}")
   assert record["benchmark"] == "sampling" and set(record) >= {"moe", "dense"}
